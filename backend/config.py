@@ -1,0 +1,400 @@
+"""The config schema: one pydantic tree for the TOML users write.
+
+The format extends the `vf-rl` TOML (top-level ``model``, ``[env]``, ``[inference]``,
+``[trainer]`` with ``[trainer.args]``) with ``[nccl]`` and ``[run]``. Every problem is
+reported as one line ``FILE: table.key: message`` through :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from backend.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# NCCL variables (without the NCCL_ prefix) that NCCL documents; used to catch typos.
+KNOWN_NCCL_VARS: frozenset[str] = frozenset(
+    {
+        "P2P_DISABLE", "P2P_LEVEL", "P2P_DIRECT_DISABLE", "P2P_READ_ENABLE", "P2P_NET_CHUNKSIZE",
+        "P2P_PCI_CHUNKSIZE", "P2P_NVL_CHUNKSIZE", "P2P_USE_CUDA_MEMCPY",
+        "SHM_DISABLE", "SHM_USE_CUDA_MEMCPY", "SHM_MEMCPY_MODE",
+        "IB_DISABLE", "IB_HCA", "IB_TIMEOUT", "IB_RETRY_CNT", "IB_GID_INDEX", "IB_TC", "IB_SL",
+        "IB_QPS_PER_CONNECTION", "IB_PCI_RELAXED_ORDERING", "IB_ADAPTIVE_ROUTING",
+        "NET_GDR_LEVEL", "NET_GDR_READ", "NET_PLUGIN", "NET", "NET_SHARED_BUFFERS",
+        "SOCKET_IFNAME", "SOCKET_FAMILY", "SOCKET_NTHREADS", "NSOCKS_PERTHREAD",
+        "DEBUG", "DEBUG_SUBSYS", "DEBUG_FILE",
+        "ALGO", "PROTO", "BUFFSIZE", "NTHREADS", "MAX_NCHANNELS", "MIN_NCHANNELS",
+        "MAX_CTAS", "MIN_CTAS", "CROSS_NIC", "CHECKS_DISABLE", "CHECK_POINTERS",
+        "LAUNCH_MODE", "COMM_BLOCKING", "BLOCKING_WAIT", "ASYNC_ERROR_HANDLING",
+        "CUMEM_ENABLE", "CUMEM_HOST_ENABLE", "NVLS_ENABLE", "NVLS_CHUNKSIZE",
+        "TOPO_FILE", "TOPO_DUMP_FILE", "GRAPH_FILE", "GRAPH_DUMP_FILE", "IGNORE_CPU_AFFINITY",
+        "COLLNET_ENABLE", "TREE_THRESHOLD", "LL_THRESHOLD", "LL128_ENABLE",
+        "SET_STACK_SIZE", "GRAPH_MIXING_SUPPORT", "RUNTIME_CONNECT", "TIMEOUT",
+        "WORK_FIFO_DEPTH", "CONF_FILE", "HOSTID", "PXN_DISABLE", "NVB_DISABLE",
+        "SINGLE_RING_THRESHOLD", "RAS_ENABLE", "MNNVL_ENABLE",
+    }
+)
+
+_CONFIG = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EnvConfig(BaseModel):
+    """``[env]``: which environment and its arguments."""
+
+    model_config = _CONFIG
+    id: str = Field(description="environments/ registry name, e.g. 'colors'")
+    args: dict[str, Any] = Field(default_factory=dict, description="passed to the environment factory")
+
+
+RestartPolicy = Literal["never", "on-failure"]
+
+
+class InferenceArgs(BaseModel):
+    """``[inference.args]``: passed to the engine. Unknown keys are kept for vLLM only."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    max_model_len: int = Field(4096, gt=0, description="longest prompt+completion in tokens")
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 4})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    enforce_eager: bool | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    data_parallel_size: int | None = Field(None, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest accepted image (w*h)")
+    max_batch_size: int = Field(64, gt=0, description="hf engine: sequences generated together")
+    batch_wait_ms: float = Field(5.0, ge=0, description="hf engine: time to gather a batch")
+
+    @field_validator("limit_mm_per_prompt")
+    @classmethod
+    def _non_negative_limits(cls, v: dict[str, int]) -> dict[str, int]:
+        for k, n in v.items():
+            if n < 0:
+                raise ValueError(f"limit for {k!r} must be >= 0, got {n}")
+        return v
+
+
+class InferenceConfig(BaseModel):
+    """``[inference]``: the inference server process."""
+
+    model_config = _CONFIG
+    engine: Literal["hf", "vllm"] = "hf"
+    gpus: int = Field(0, ge=0, description="GPUs for the server (0 = CPU)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    python: str | None = Field(None, description="python of the venv that has vLLM (engine='vllm')")
+    startup_timeout_s: float = Field(600.0, gt=0)
+    restart: RestartPolicy = "on-failure"
+    max_restarts: int = Field(2, ge=0)
+    restart_backoff_s: float = Field(2.0, ge=0)
+    args: InferenceArgs = Field(default_factory=InferenceArgs)
+
+
+class MultimodalRLConfig(BaseModel):
+    """``[trainer.args]``: everything the GRPO trainer needs."""
+
+    model_config = _CONFIG
+    run_name: str | None = Field(None, description="run directory name (default: from config file)")
+    output_dir: str = Field("runs", description="parent of run directories")
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(32, gt=0, description="rollouts per optimizer step")
+    micro_batch_size: int = Field(8, gt=0, description="rollouts per forward/backward")
+    rollouts_per_step: int = Field(4, gt=0, description="completions per prompt (group size)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, gt=0, description="max new tokens per completion")
+    mask_ratio_low: float = Field(0.1, ge=0)
+    mask_ratio_high: float = Field(10.0, gt=0)
+    clip_eps_low: float = Field(0.2, ge=0)
+    clip_eps_high: float = Field(0.28, ge=0)
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference model")
+    scale_rewards: bool = Field(True, description="divide advantages by the group std")
+    loss_agg: Literal["token", "sequence"] = "token"
+    seed: int = 0
+    sync_to_vllm_every: int = Field(1, gt=0)
+    log_every_steps: int = Field(1, gt=0)
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    max_concurrent: int = Field(128, gt=0)
+    request_timeout_s: float = Field(300.0, gt=0)
+    bucket_size_mb: int = Field(64, gt=0, description="weight-sync bucket size")
+    sync_port: int | None = Field(None, ge=1, le=65535, description="weight-sync rendezvous port")
+    adapter: str | None = Field(None, description="adapter name; default from model_type")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int | None = Field(None, gt=0)
+    eval_every: int = Field(0, ge=0)
+    eval_size: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "MultimodalRLConfig":
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"__micro_batch_size__: {self.micro_batch_size} must be <= batch_size ({self.batch_size})"
+            )
+        if self.batch_size % self.rollouts_per_step:
+            raise ValueError(
+                f"__batch_size__: {self.batch_size} must be a multiple of rollouts_per_step "
+                f"({self.rollouts_per_step})"
+            )
+        if self.mask_ratio_low >= self.mask_ratio_high:
+            raise ValueError("__mask_ratio_low__: must be < mask_ratio_high")
+        return self
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.rollouts_per_step
+
+
+class TrainerConfig(BaseModel):
+    """``[trainer]``: the trainer process."""
+
+    model_config = _CONFIG
+    gpus: int = Field(0, ge=0, description="GPUs for the trainer (0 = CPU)")
+    restart: RestartPolicy = "never"
+    max_restarts: int = Field(0, ge=0)
+    restart_backoff_s: float = Field(2.0, ge=0)
+    args: MultimodalRLConfig = Field(default_factory=MultimodalRLConfig)
+
+
+class RunConfig(BaseModel):
+    """``[run]``: the supervisor."""
+
+    model_config = _CONFIG
+    stop_grace_s: float = Field(10.0, ge=0, description="SIGTERM -> SIGKILL delay")
+    health_poll_s: float = Field(1.0, gt=0)
+    share_gpus: bool = Field(False, description="allow server and trainer on the same GPUs")
+
+
+class VlmrlConfig(BaseModel):
+    """The whole config file."""
+
+    model_config = _CONFIG
+    model: str = Field(description="hub id, local path, or builtin:tiny-<family>")
+    env: EnvConfig
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    nccl: dict[str, str | int | bool] = Field(default_factory=dict)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("nccl")
+    @classmethod
+    def _nccl_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name, value in v.items():
+            bare = name[5:] if name.upper().startswith("NCCL_") else name
+            if bare.upper() not in KNOWN_NCCL_VARS:
+                hint = difflib.get_close_matches(bare.upper(), sorted(KNOWN_NCCL_VARS), n=1)
+                more = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ValueError(f"__{name}__: unknown NCCL variable{more}")
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"__{name}__: empty value")
+        return v
+
+    @model_validator(mode="after")
+    def _hf_args_known(self) -> "VlmrlConfig":
+        extra = self.inference.args.model_extra or {}
+        if self.inference.engine == "hf" and extra:
+            key = sorted(extra)[0]
+            known = sorted(InferenceArgs.model_fields)
+            hint = difflib.get_close_matches(key, known, n=1)
+            more = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(f"__inference.args.{key}__: not an option of engine 'hf'{more}")
+        return self
+
+    def nccl_env(self) -> dict[str, str]:
+        """The ``[nccl]`` table as environment variables (``NCCL_`` prefixed, strings)."""
+        out: dict[str, str] = {}
+        for name, value in self.nccl.items():
+            bare = name[5:] if name.upper().startswith("NCCL_") else name
+            if isinstance(value, bool):
+                value = int(value)
+            out["NCCL_" + bare.upper()] = str(value)
+        return out
+
+    @property
+    def run_name(self) -> str:
+        return self.trainer.args.run_name or "run"
+
+    def run_dir(self) -> Path:
+        return Path(self.trainer.args.output_dir) / self.run_name
+
+
+# Keys of the old vf-rl [trainer.args] that now live elsewhere: old key -> dotted new key.
+LEGACY_KEYS: dict[str, str] = {
+    "vllm_server_host": "inference.host",
+    "vllm_server_port": "inference.port",
+}
+
+
+def _map_legacy(data: dict[str, Any]) -> None:
+    targs = data.get("trainer", {}).get("args", {}) if isinstance(data.get("trainer"), dict) else {}
+    if not isinstance(targs, dict):
+        return
+    for old, new in LEGACY_KEYS.items():
+        if old in targs:
+            value = targs.pop(old)
+            table, key = new.split(".")
+            inf = data.setdefault(table, {})
+            if isinstance(inf, dict):
+                if key == "host" and value in ("0.0.0.0", "::"):
+                    # vf-rl users wrote 0.0.0.0 as the client's target; admin routes stay on loopback.
+                    value = "127.0.0.1"
+                inf.setdefault(key, value)
+
+
+def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (for did-you-mean hints)."""
+    model: type[BaseModel] | None = VlmrlConfig
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _format_error(err: dict[str, Any]) -> tuple[str, str]:
+    loc = tuple(err.get("loc", ()))
+    msg = str(err.get("msg", "invalid"))
+    etype = err.get("type", "")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    # A model-level validator that names a key marks it as __key__.
+    if msg.startswith("__") and "__:" in msg:
+        inner, msg = msg[2:].split("__:", 1)
+        prefix = ".".join(str(p) for p in loc if not isinstance(p, int))
+        return (f"{prefix}.{inner}" if prefix else inner), msg.strip()
+    key = ".".join(str(p) for p in loc if not isinstance(p, int)) or "(top level)"
+    if etype == "extra_forbidden":
+        owner = _model_for(loc)
+        hint = ""
+        if owner is not None:
+            close = difflib.get_close_matches(str(loc[-1]), sorted(owner.model_fields), n=1)
+            if close:
+                hint = f"; did you mean {close[0]!r}?"
+        if loc and loc[-1] in LEGACY_KEYS:
+            hint = f"; it belongs in {LEGACY_KEYS[str(loc[-1])]}"
+        return key, f"unknown key{hint}"
+    if etype == "missing":
+        return key, "required key is missing"
+    if "input" in err and etype not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {err['input']!r})"
+    return key, msg
+
+
+def validate_config(data: dict[str, Any], path: str | Path | None = None) -> VlmrlConfig:
+    """Validate a parsed TOML mapping; raise :class:`ConfigError` naming file and key."""
+    data = _deepcopy(data)
+    _map_legacy(data)
+    try:
+        cfg = VlmrlConfig.model_validate(data)
+    except ValidationError as e:
+        key, msg = _format_error(e.errors()[0])
+        extra = len(e.errors()) - 1
+        if extra:
+            msg += f" (and {extra} more problem{'s' if extra > 1 else ''})"
+        raise ConfigError(path, key, msg) from None
+    if cfg.trainer.args.run_name is None and path is not None:
+        cfg.trainer.args.run_name = Path(path).stem
+    return cfg
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` (value as a TOML value, else a bare string)."""
+    if "=" not in text:
+        raise ConfigError(None, text, "override must look like key=value, e.g. trainer.args.max_steps=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(None, text, "override key is empty")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key=value`` overrides applied."""
+    data = _deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(None, ".".join(parts), f"{p!r} is not a table")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; syntax and I/O problems become a :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(p, None, "file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(p, None, f"cannot read: {e}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(p, None, f"TOML syntax error: {e}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> VlmrlConfig:
+    """Read, override and validate a config file."""
+    data = read_toml(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate_config(data, path)
+
+
+def config_to_dict(cfg: VlmrlConfig) -> dict[str, Any]:
+    """The resolved config as plain data (None values dropped: TOML has no null)."""
+    return _drop_none(cfg.model_dump(mode="json"))
+
+
+def _drop_none(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    if isinstance(d, list):
+        return [_drop_none(v) for v in d]
+    return d
+
+
+def config_to_toml(cfg: VlmrlConfig) -> str:
+    """The resolved config as TOML with every default filled."""
+    import tomli_w
+
+    return tomli_w.dumps(config_to_dict(cfg))

@@ -1,0 +1,205 @@
+"""The ``vlmrl`` command line (typer). Never imports Textual.
+
+Each command parses its arguments, loads the config (errors become one line and exit
+code 2) and hands over to the module that owns the work; heavy imports (torch,
+transformers) happen inside those modules, so ``--help`` and ``doctor`` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from backend.errors import ConfigError, VlmrlError
+
+app = typer.Typer(
+    name="vlmrl",
+    help="Reinforcement learning for vision-language models: run, serve, train, check.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Validate and print config files.", no_args_is_help=True)
+model_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(model_app, name="model")
+
+OverridesArg = typer.Argument(None, help="key=value overrides, e.g. trainer.args.max_steps=5")
+
+
+def _fail(err: VlmrlError) -> "typer.Exit":
+    typer.echo(f"error: {err}", err=True)
+    return typer.Exit(code=err.exit_code)
+
+
+def _load(path: Path, overrides: list[str] | None):
+    from backend.config import load_config
+
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as e:
+        raise _fail(e) from None
+
+
+@config_app.command("check")
+def config_check(
+    config: Path = typer.Argument(..., help="config TOML file"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Validate CONFIG and print the resolved config (exit 2 on a problem)."""
+    from backend.config import config_to_toml
+
+    cfg = _load(config, overrides)
+    typer.echo(f"{config}: ok")
+    typer.echo(config_to_toml(cfg), nl=False)
+
+
+@config_app.command("show")
+def config_show(
+    config: Path = typer.Argument(..., help="config TOML file"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Print CONFIG as TOML with every default filled."""
+    from backend.config import config_to_toml
+
+    typer.echo(config_to_toml(_load(config, overrides)), nl=False)
+
+
+@model_app.command("build-tiny")
+def model_build_tiny(
+    out_dir: Path = typer.Argument(..., help="directory to write the model into"),
+    family: str = typer.Option("qwen3-vl", help="qwen3-vl | qwen2.5-vl | qwen2-vl | llava"),
+    seed: int = typer.Option(0, help="seed for weights and warm-up"),
+    warmup: bool = typer.Option(True, help="format-only warm-up of the language model"),
+) -> None:
+    """Build a tiny VLM offline (real HF model directory, tokenizer trained locally)."""
+    from backend.tiny import build_tiny
+
+    try:
+        path = build_tiny(family, out_dir, seed=seed, warmup=warmup, progress=True)
+    except VlmrlError as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {path}")
+
+
+@app.command("serve")
+def serve(
+    config: Path = typer.Argument(..., help="config TOML file"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Run the inference server of CONFIG alone (what the supervisor spawns)."""
+    from backend.serve import serve_main
+
+    cfg = _load(config, overrides)
+    try:
+        code = serve_main(cfg)
+    except VlmrlError as e:
+        raise _fail(e) from None
+    raise typer.Exit(code)
+
+
+@app.command("train")
+def train(
+    config: Path = typer.Argument(..., help="config TOML file"),
+    overrides: Optional[List[str]] = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint"),
+) -> None:
+    """Run the trainer of CONFIG alone against a running server (what the supervisor spawns)."""
+    from backend.train import train_main
+
+    cfg = _load(config, overrides)
+    try:
+        code = train_main(cfg, resume=resume)
+    except VlmrlError as e:
+        raise _fail(e) from None
+    raise typer.Exit(code)
+
+
+@app.command("eval")
+def evaluate(
+    config: Path = typer.Argument(..., help="config TOML file"),
+    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint dir (default: the config's model)"),
+    n: int = typer.Option(64, help="number of held-out prompts"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Score a model greedily on the environment's held-out split, without training."""
+    from backend.evaluate import eval_main
+
+    cfg = _load(config, overrides)
+    try:
+        code = eval_main(cfg, checkpoint=checkpoint, n=n)
+    except VlmrlError as e:
+        raise _fail(e) from None
+    raise typer.Exit(code)
+
+
+@app.command("run")
+def run(
+    config: Path = typer.Argument(..., help="config TOML file"),
+    overrides: Optional[List[str]] = OverridesArg,
+    name: Optional[str] = typer.Option(None, help="run name (directory under output dir)"),
+    output_dir: Optional[Path] = typer.Option(None, help="parent directory of runs"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit"),
+    resume: bool = typer.Option(False, "--resume", help="trainer continues from the latest checkpoint"),
+) -> None:
+    """Launch server and trainer under one supervisor, headless; progress on stdout."""
+    from vlmrl_tui.headless import run_headless
+
+    ov = list(overrides or [])
+    if name:
+        ov.append(f"trainer.args.run_name={_toml_str(name)}")
+    if output_dir:
+        ov.append(f"trainer.args.output_dir={_toml_str(str(output_dir))}")
+    cfg = _load(config, ov)
+    try:
+        code = run_headless(cfg, config_path=config, dry_run=dry_run, resume=resume)
+    except VlmrlError as e:
+        raise _fail(e) from None
+    raise typer.Exit(code)
+
+
+@app.command("attach")
+def attach(run_dir: Path = typer.Argument(..., help="a run directory, live or finished")) -> None:
+    """Print the headless view of a run started elsewhere."""
+    from vlmrl_tui.headless import attach_headless
+
+    try:
+        code = attach_headless(run_dir)
+    except VlmrlError as e:
+        raise _fail(e) from None
+    raise typer.Exit(code)
+
+
+@app.command("doctor")
+def doctor(
+    config: Optional[Path] = typer.Argument(None, help="config TOML file (optional)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Preflight: versions, GPUs, ports, NCCL variables, /dev/shm, disk, model."""
+    from vlmrl_tui.doctor import doctor_main
+
+    cfg = _load(config, []) if config is not None else None
+    try:
+        code = doctor_main(cfg, as_json=as_json)
+    except VlmrlError as e:
+        raise _fail(e) from None
+    raise typer.Exit(code)
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
