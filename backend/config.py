@@ -273,8 +273,12 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+_TYPE_TAGS = {"str", "int", "bool", "float", "list", "dict", "none"}
+
+
 def _format_error(err: dict[str, Any]) -> tuple[str, str]:
-    loc = tuple(err.get("loc", ()))
+    # Unions add their member type to the location (nccl.X.str); users need only the key.
+    loc = tuple(p for p in err.get("loc", ()) if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
     msg = str(err.get("msg", "invalid"))
     etype = err.get("type", "")
     if msg.startswith("Value error, "):
@@ -309,8 +313,14 @@ def validate_config(data: dict[str, Any], path: str | Path | None = None) -> Vlm
     try:
         cfg = VlmrlConfig.model_validate(data)
     except ValidationError as e:
-        key, msg = _format_error(e.errors()[0])
-        extra = len(e.errors()) - 1
+        errors = e.errors()
+        key, msg = _format_error(errors[0])
+        same = [err for err in errors if _format_error(err)[0] == key]
+        if len(same) > 1 and all(err.get("type", "").endswith("_type") for err in same):
+            # A union rejected every member: name the accepted types once.
+            kinds = [str(err["type"]).removesuffix("_type").replace("_parsing", "") for err in same]
+            msg = f"must be one of: {', '.join(kinds)} (got {same[0].get('input')!r})"
+        extra = len({_format_error(err)[0] for err in errors}) - 1
         if extra:
             msg += f" (and {extra} more problem{'s' if extra > 1 else ''})"
         raise ConfigError(path, key, msg) from None
