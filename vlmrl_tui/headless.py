@@ -1,0 +1,426 @@
+"""Headless mode: ``vlmrl run CONFIG`` and ``vlmrl attach RUN_DIR`` for tmux, SLURM and CI.
+
+Shows a progress bar per step fed from ``metrics.jsonl`` (plain lines when stdout is not
+a terminal), one line per logged step (``step 12/100 reward=0.62 loss=0.045 ir=1.02
+ent=2.34 kl=0.01 4.1s/it``), one line per process state change, and the last log lines
+of a process that fails. Exit codes: 0 training completed, 1 a process failed, 2 bad
+config or failed preflight, 130 interrupted (Ctrl-C once: graceful stop; twice: kill),
+143 stopped by SIGTERM (scancel).
+
+Never imports Textual; rich is used for the bar only on a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from backend.config import VlmrlConfig
+from backend.errors import VlmrlError
+from backend.rundir import RunDirectory, RunReader, last_lines, read_json
+from vlmrl_tui.plan import RunPlan, build_plan, format_plan, run_dir_problem
+from vlmrl_tui.supervisor import (
+    EXIT_FAILED,
+    LOG_TAIL_LINES,
+    RUN_TERMINAL,
+    Supervisor,
+    SupervisorEvent,
+    state_line,
+)
+
+EXIT_BAD_CONFIG = 2
+EXIT_INTERRUPTED = 130
+EXIT_SIGTERM = 143
+POLL_S = 0.5
+STARTING_NOTE_S = 30.0
+ATTACH_BACKLOG = 50
+
+# metrics.jsonl keys (backend.trainer), with fallbacks for other writers.
+_KEYS: dict[str, tuple[str, ...]] = {
+    "reward": ("reward_mean", "reward"),
+    "loss": ("loss",),
+    "ir": ("ir", "importance_ratio_mean", "importance_ratio"),
+    "ent": ("entropy", "entropy_mean"),
+    "kl": ("kl", "kl_mean", "mismatch_kl"),
+    "time": ("step_s", "step_time_s"),
+}
+_FORMATS = {"reward": ".2f", "loss": ".3f", "ir": ".2f", "ent": ".2f", "kl": ".3f"}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences (plain output for CI logs)."""
+    return _ANSI.sub("", text)
+
+
+class RunDirError(VlmrlError):
+    """The directory given to ``vlmrl attach`` is not a run directory."""
+
+    exit_code = EXIT_BAD_CONFIG
+
+
+def _metric(rec: dict[str, Any], name: str) -> float | None:
+    for k in _KEYS[name]:
+        v = rec.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def step_line(rec: dict[str, Any], max_steps: int, step_s: float | None = None) -> str:
+    """``step 12/100 reward=0.62 loss=0.045 ir=1.02 ent=2.34 kl=0.010 4.10s/it``."""
+    step = rec.get("step", "?")
+    parts = [f"step {step}/{max_steps}" if max_steps else f"step {step}"]
+    for name, fmt in _FORMATS.items():
+        v = _metric(rec, name)
+        if v is not None:
+            parts.append(f"{name}={format(v, fmt) if math.isfinite(v) else v}")
+    t = _metric(rec, "time")
+    t = t if t is not None else step_s
+    if t is not None and math.isfinite(t):
+        parts.append(f"{t:.2f}s/it")
+    return " ".join(parts)
+
+
+def _fmt_duration(s: float) -> str:
+    s = int(max(0, s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+class HeadlessView:
+    """Prints a run: step lines (and a rich bar on a terminal), state changes, failures."""
+
+    def __init__(self, max_steps: int, out: TextIO | None = None, tty: bool | None = None,
+                 reader: RunReader | None = None) -> None:
+        self.out = out or sys.stdout
+        self.reader = reader
+        self.tty = self.out.isatty() if tty is None else tty
+        self.max_steps = max_steps
+        self.last_step = 0
+        self.last_metrics: dict[str, Any] | None = None
+        self._last_time: float | None = None
+        self._progress: Any = None
+        self._task: Any = None
+        self._console: Any = None
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._console = Console(file=self.out, highlight=False)
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self._console,
+                transient=False,
+            )
+            self._task = self._progress.add_task("starting", total=max_steps or None, info="")
+
+    def __enter__(self) -> "HeadlessView":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def line(self, text: str, ansi: bool = False) -> None:
+        """Print one line above the bar; ``ansi``: the text may hold colour codes (log lines)."""
+        if self._console is not None:
+            if ansi:
+                from rich.text import Text
+
+                self._console.print(Text.from_ansi(text), soft_wrap=True)
+            else:
+                self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.out.write((strip_ansi(text) if ansi else text) + "\n")
+            self.out.flush()
+
+    def phase(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    def metrics(self, records: list[dict[str, Any]], backlog: int | None = None) -> None:
+        """Show new metric records; with ``backlog``, only the last ``backlog`` get a line."""
+        if backlog is not None and len(records) > backlog:
+            self.line(f"... {len(records) - backlog} earlier step(s)")
+            shown, skipped = records[-backlog:], records[:-backlog]
+            for rec in skipped:
+                self._advance(rec)
+            records = shown
+        for rec in records:
+            now = time.monotonic()
+            dt = now - self._last_time if self._last_time is not None else None
+            self._last_time = now
+            self.line(step_line(rec, self.max_steps, dt))
+            self._advance(rec)
+
+    def _advance(self, rec: dict[str, Any]) -> None:
+        step = rec.get("step")
+        if isinstance(step, int):
+            self.last_step = step
+        self.last_metrics = rec
+        if self._progress is not None:
+            r = _metric(rec, "reward")
+            info = f"reward={r:.2f}" if r is not None and math.isfinite(r) else ""
+            self._progress.update(self._task, completed=self.last_step, description="training", info=info)
+
+    def drain(self) -> None:
+        """Show the metric records written since the last call."""
+        if self.reader is not None:
+            recs = self.reader.new_metrics()
+            if recs:
+                self.metrics(recs)
+
+    def event(self, ev: SupervisorEvent) -> None:
+        """A supervisor event (``vlmrl run``)."""
+        self.drain()  # steps logged before this change are shown before it
+        stamp = time.strftime("%H:%M:%S", time.localtime(ev.time))
+        if ev.kind == "failure":
+            if ev.log_tail:
+                self.log_tail(ev.proc or "?", list(ev.log_tail))
+            return
+        if ev.kind == "run":
+            self.phase({"preparing": "preparing model", "starting": "starting server", "running": "training",
+                        "stopping": "stopping"}.get(ev.status or "", ev.status or ""))
+        self.line(f"{stamp} {ev.message}")
+
+    def log_tail(self, proc: str, lines: list[str]) -> None:
+        self.line(f"--- last {len(lines)} lines of {proc}.log ---")
+        for ln in lines:
+            self.line("  " + ln, ansi=True)
+        self.line(f"--- end of {proc}.log ---")
+
+    def summary(self, info: dict[str, Any] | None, code: int, run_dir: Path) -> None:
+        info = info or {}
+        started, ended = info.get("started_at"), info.get("ended_at") or time.time()
+        took = f" in {_fmt_duration(ended - started)}" if isinstance(started, (int, float)) else ""
+        steps = f"{self.last_step}/{self.max_steps} steps" if self.max_steps else f"{self.last_step} steps"
+        last = ""
+        if self.last_metrics is not None:
+            r = _metric(self.last_metrics, "reward")
+            if r is not None and math.isfinite(r):
+                last = f", last reward={r:.2f}"
+        status = info.get("status", "?")
+        reason = info.get("reason")
+        head = {0: "completed", 1: "failed", 130: "stopped", 143: "stopped"}.get(code, status)
+        why = f" ({reason})" if reason and code != 0 else ""
+        self.line(f"{head}{why}: {steps}{took}{last} - {run_dir}")
+
+
+def _max_steps_of(run_dir: Path) -> int:
+    from backend.config import read_toml
+
+    try:
+        data = read_toml(RunDirectory(run_dir).config)
+        v = data.get("trainer", {}).get("args", {}).get("max_steps", 0)
+        return int(v) if isinstance(v, int) else 0
+    except (VlmrlError, AttributeError, ValueError):
+        return 0
+
+
+# ----- vlmrl run -----
+
+
+def run_headless(cfg: VlmrlConfig, config_path: str | Path | None, dry_run: bool = False, resume: bool = False) -> int:
+    """``vlmrl run``: plan, preflight, supervise; returns the exit code."""
+    plan = build_plan(cfg, config_path, resume=resume)
+    if dry_run:
+        print(format_plan(plan))
+        return 0
+    problem = run_dir_problem(plan.run_dir, resume)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    from vlmrl_tui.doctor import FAIL, WARN, format_check, run_checks
+
+    checks = run_checks(cfg, fast_only=True, plan=plan)
+    failed = [c for c in checks if c.status == FAIL]
+    noted = {n.message for n in plan.notes}  # run_plan prints these once
+    for c in checks:
+        if c.status in (WARN, FAIL) and c.name != "run dir" and c.message not in noted:
+            print(format_check(c), file=sys.stderr if c.status == FAIL else sys.stdout)
+    if failed:
+        print(f"error: refusing to start: {len(failed)} preflight check(s) failed "
+              f"(`vlmrl doctor {config_path or 'CONFIG'}` shows every check)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return run_plan(plan)
+
+
+def run_plan(plan: RunPlan, *, out: TextIO | None = None, tty: bool | None = None, grace_s: float | None = None) -> int:
+    """Supervise ``plan`` with the headless view; handles Ctrl-C/SIGTERM; returns the exit code."""
+    view = HeadlessView(plan.max_steps, out=out, tty=tty, reader=RunReader(plan.run_dir))
+    view.line(f"run {plan.name} -> {plan.run_dir}")
+    for note in plan.notes:
+        view.line(f"warn  {note.message}")
+    with view:
+        return asyncio.run(_supervise(plan, view, grace_s))
+
+
+async def _supervise(plan: RunPlan, view: HeadlessView, grace_s: float | None) -> int:
+    sup = Supervisor(plan, on_event=view.event, grace_s=grace_s)
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        if len(received) == 1:
+            name = signal.Signals(sig).name
+            view.line(f"{name}: stopping both processes (SIGTERM, SIGKILL after {sup.grace_s:g} s) - "
+                      "press Ctrl-C again to kill them now")
+            sup.request_stop()
+        else:
+            view.line("killing both processes now (SIGKILL)")
+            sup.kill()
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for s in handled:
+        loop.add_signal_handler(s, on_signal, s)
+    follow = asyncio.create_task(_follow_metrics(view))
+    waiting = asyncio.create_task(_starting_notes(sup, view))
+    try:
+        code = await sup.run()
+    finally:
+        for s in handled:
+            loop.remove_signal_handler(s)
+        follow.cancel()
+        waiting.cancel()
+        view.drain()
+    if code == EXIT_INTERRUPTED and received and received[0] == signal.SIGTERM:
+        code = EXIT_SIGTERM
+    view.summary(sup.snapshot(), code, plan.run_dir)
+    return code
+
+
+async def _starting_notes(sup: Supervisor, view: HeadlessView) -> None:
+    """A line every ``STARTING_NOTE_S`` while a process is still starting, with its last log line."""
+    every_s = STARTING_NOTE_S
+    due: dict[tuple[str, float], float] = {}
+    while True:
+        await asyncio.sleep(min(1.0, every_s))
+        now = time.time()
+        for name, st in sup.snapshot()["processes"].items():
+            started = st.get("started_at")
+            if st.get("status") != "starting" or not isinstance(started, (int, float)):
+                continue
+            key = (name, started)
+            if now < due.setdefault(key, started + every_s):
+                continue
+            due[key] += every_s
+            tail = last_lines(st["log"], 1)
+            last = f"; last log line: {tail[-1].strip()[:160]}" if tail else ""
+            view.line(time.strftime("%H:%M:%S ") + f"{name}: still starting after {int(now - started)} s{last}",
+                      ansi=True)
+
+
+async def _follow_metrics(view: HeadlessView) -> None:
+    while True:
+        view.drain()
+        await asyncio.sleep(POLL_S)
+
+
+# ----- vlmrl attach -----
+
+
+def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool | None = None,
+                    poll_s: float = POLL_S, follow: bool = True) -> int:
+    """``vlmrl attach``: the headless view of a run started elsewhere, live or finished.
+
+    Returns the run's exit code once it ends (0/1/130), 1 if its supervisor vanished
+    without finishing, 130 when detached with Ctrl-C (the run goes on).
+    """
+    rd = RunDirectory(run_dir)
+    info = read_json(rd.run_json)
+    if not rd.exists() or info is None:
+        raise RunDirError(f"{run_dir} is not a run directory (no run.json); start one with `vlmrl run CONFIG`")
+    view = HeadlessView(_max_steps_of(rd.path), out=out, tty=tty)
+    reader = RunReader(rd.path)
+    view.line(f"attached to {info.get('name', rd.path.name)} ({rd.path}), supervisor pid "
+              f"{info.get('supervisor_pid')}, status {info.get('status')}")
+    for h in info.get("history", []):
+        stamp = time.strftime("%H:%M:%S", time.localtime(h.get("time", 0)))
+        proc = h.get("proc")
+        text = state_line(proc, h) if proc else f"run: {h.get('status')}" + (
+            f" - {h['reason']}" if h.get("reason") else "")
+        view.line(f"{stamp} {text}")
+    seen = {n: (p.get("status"), p.get("reason")) for n, p in info.get("processes", {}).items()}
+    seen_run = info.get("status")
+    with view:
+        view.metrics(reader.new_metrics(), backlog=ATTACH_BACKLOG)
+        try:
+            while True:
+                if info.get("status") in RUN_TERMINAL:
+                    view.metrics(reader.new_metrics())
+                    return _attach_end(view, info, rd)
+                if not follow:
+                    return 0
+                if not _supervisor_alive(info):
+                    view.line(f"the supervisor (pid {info.get('supervisor_pid')}) is gone and the run did not finish")
+                    view.summary(info, EXIT_FAILED, rd.path)
+                    return EXIT_FAILED
+                time.sleep(poll_s)
+                view.metrics(reader.new_metrics())
+                new = read_json(rd.run_json)
+                if new is None:
+                    continue
+                info = new
+                for name, p in info.get("processes", {}).items():
+                    key = (p.get("status"), p.get("reason"))
+                    if seen.get(name) != key:
+                        seen[name] = key
+                        view.line(time.strftime("%H:%M:%S ") + state_line(name, p))
+                if info.get("status") != seen_run:
+                    seen_run = info.get("status")
+                    view.phase(str(seen_run))
+                    if seen_run not in RUN_TERMINAL:
+                        view.line(time.strftime("%H:%M:%S ") + f"run: {seen_run}")
+        except KeyboardInterrupt:
+            view.line("detached; the run goes on")
+            return EXIT_INTERRUPTED
+
+
+def _attach_end(view: HeadlessView, info: dict[str, Any], rd: RunDirectory) -> int:
+    code = info.get("exit_code")
+    code = code if isinstance(code, int) else EXIT_FAILED
+    failed = info.get("failed_process")
+    if failed:
+        view.log_tail(failed, last_lines(rd.log(failed), LOG_TAIL_LINES))
+    view.line(f"run: {info.get('status')}" + (f" - {info['reason']}" if info.get("reason") else ""))
+    view.summary(info, code, rd.path)
+    return code
+
+
+def _supervisor_alive(info: dict[str, Any]) -> bool:
+    import psutil
+
+    pid = info.get("supervisor_pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        p = psutil.Process(pid)
+        started = info.get("started_at")
+        if isinstance(started, (int, float)) and p.create_time() > started + 1:
+            return False  # the pid now belongs to another process
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+__all__ = ["run_headless", "run_plan", "attach_headless", "HeadlessView", "step_line"]

@@ -1,0 +1,857 @@
+"""The supervisor: starts, watches, restarts and stops the run's child processes (asyncio).
+
+One event loop drives everything (no Textual, no torch here):
+
+* the optional one-shot ``prepare`` step (e.g. building a ``builtin:tiny-*`` model) runs to
+  completion first;
+* the server starts in its own process group, its output appended to
+  ``runs/<name>/logs/server.log``; ``/health`` and then ``/v1/models`` are polled until both
+  answer 200 -- or the start timeout fails the run with the last log lines;
+* the trainer starts once the server is healthy (process-compose's ``process_healthy``);
+* a child that dies unexpectedly is restarted per its policy (``never``/``on-failure``,
+  max restarts, exponential backoff); beyond that the run fails and the other child is
+  stopped; the trainer exiting 0 completes the run and stops the server;
+* stopping = SIGTERM to the process group and every descendant seen, a grace period,
+  then SIGKILL; the run ends only when no process of the run is left (processes that
+  escaped the group are found by the run token in their environment).
+
+``run.json`` (written atomically on every change) holds the whole state::
+
+    {"version": 1, "name", "run_dir", "config", "supervisor_pid", "status", "exit_code",
+     "started_at", "ended_at", "ports": {"server", "sync"}, "server_url", "engine",
+     "control_socket", "failed_process", "reason",
+     "processes": {"server": {"status", "pid", "pgid", "argv", "log", "started_at",
+                              "healthy_at", "ended_at", "exit_code", "signal",
+                              "restarts", "reason", "stopping", "health"}, ...},
+     "history": [{"time", "proc", "status", "reason"}, ...]}
+
+Times are Unix epoch seconds. Process statuses: pending, starting, healthy, running,
+restarting, exited, failed, killed, stopped. Run statuses: preparing, starting, running,
+stopping, completed, failed, stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from backend import contract
+from backend.rundir import RunDirectory, last_lines, write_json_atomic
+from vlmrl_tui.plan import ProcessSpec, RunPlan
+
+RUN_JSON_VERSION = 1
+
+# Process statuses.
+PENDING = "pending"
+STARTING = "starting"
+HEALTHY = "healthy"
+RUNNING = "running"
+RESTARTING = "restarting"
+EXITED = "exited"
+FAILED = "failed"
+KILLED = "killed"
+STOPPED = "stopped"
+ALIVE_STATUSES = frozenset({STARTING, HEALTHY, RUNNING})
+ENDED_STATUSES = frozenset({EXITED, FAILED, KILLED, STOPPED})
+
+# Run statuses.
+RUN_PREPARING = "preparing"
+RUN_STARTING = "starting"
+RUN_RUNNING = "running"
+RUN_STOPPING = "stopping"
+RUN_COMPLETED = "completed"
+RUN_FAILED = "failed"
+RUN_STOPPED = "stopped"
+RUN_TERMINAL = frozenset({RUN_COMPLETED, RUN_FAILED, RUN_STOPPED})
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+_EXIT_CODES = {RUN_COMPLETED: EXIT_OK, RUN_FAILED: EXIT_FAILED, RUN_STOPPED: EXIT_INTERRUPTED}
+
+LOG_TAIL_LINES = 30
+HISTORY_MAX = 500
+MAX_BACKOFF_S = 60.0
+_TRACK_EVERY_S = 0.5
+_REAP_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class SupervisorEvent:
+    """Something a view may show: a state change, a run-level change, a note or a failure."""
+
+    kind: str  # "state" | "run" | "info" | "failure"
+    proc: str | None
+    status: str | None
+    message: str
+    time: float = field(default_factory=time.time)
+    log_tail: tuple[str, ...] = ()
+
+
+@dataclass
+class ProcessState:
+    """What ``run.json`` says about one process."""
+
+    name: str
+    argv: list[str]
+    log: str
+    status: str = PENDING
+    pid: int | None = None
+    pgid: int | None = None
+    started_at: float | None = None
+    healthy_at: float | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    restarts: int = 0
+    reason: str | None = None
+    stopping: bool = False
+    health: str | None = None  # "ok" | "failing" | None (no probe / not yet)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def signal_name(returncode: int | None) -> str | None:
+    """``-9`` -> ``"SIGKILL"`` (Popen convention: negative = killed by that signal)."""
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def state_line(proc: str, state: dict[str, Any]) -> str:
+    """One human line for a process state (used by headless and attach alike)."""
+    status = state.get("status", "?")
+    reason = state.get("reason")
+    return f"{proc}: {status}" + (f" - {reason}" if reason else "")
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    out = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid:
+                out.append(psutil.Process(pid))
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def _send(procs: list[psutil.Process], pgid: int | None, sig: int) -> None:
+    if pgid is not None:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, sig)
+    for p in procs:
+        with contextlib.suppress(psutil.Error, OSError):
+            p.send_signal(sig)
+
+
+def _processes_with_token(token: str) -> list[psutil.Process]:
+    """Processes of this run that left every tracked tree (found by the run token)."""
+    me = os.getpid()
+    needle = f"{contract.ENV_RUN_TOKEN}={token}".encode()
+    out = []
+    for pid in psutil.pids():
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    p = psutil.Process(pid)
+                    if _alive(p):
+                        out.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def _make_preexec() -> Callable[[], None] | None:
+    """Child-side hook: die with SIGTERM if the supervisor dies (Linux PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(1, sigterm, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the supervisor died before prctl
+            os._exit(1)
+
+    return preexec
+
+
+class _Child:
+    """Runtime bookkeeping for one process spec."""
+
+    def __init__(self, spec: ProcessSpec) -> None:
+        self.spec = spec
+        self.state = ProcessState(name=spec.name, argv=list(spec.argv), log=str(spec.log_path))
+        self.proc: asyncio.subprocess.Process | None = None
+        self.gen = 0
+        self.starts = 0
+        self.failure_restarts = 0
+        self.stop_reason: str | None = None  # why we are stopping it (None: we are not)
+        self.sent_kill = False
+        self.hold = False  # stopped on request: do not start it again by itself
+        self.tree: dict[int, psutil.Process] = {}
+        self.terminator: asyncio.Task[None] | None = None
+        self.escalate = asyncio.Event()
+        self.respawn_task: asyncio.Task[None] | None = None
+        self.done = False  # one-shot finished
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None
+
+    def track(self) -> None:
+        """Remember every descendant seen, so that none is left when the child stops."""
+        if self.proc is None:
+            return
+        try:
+            root = psutil.Process(self.proc.pid)
+            self.tree.setdefault(root.pid, root)
+            for c in root.children(recursive=True):
+                self.tree.setdefault(c.pid, c)
+        except psutil.Error:
+            pass
+
+    def remaining(self) -> list[psutil.Process]:
+        """Processes of this child's tree or group that are still alive."""
+        procs = {p.pid: p for p in self.tree.values() if _alive(p)}
+        if self.state.pgid is not None:
+            for p in _group_members(self.state.pgid):
+                if _alive(p):
+                    procs.setdefault(p.pid, p)
+        return list(procs.values())
+
+
+class Supervisor:
+    """Runs a :class:`RunPlan`: ``await run()`` returns the exit code (0, 1 or 130).
+
+    ``request_stop()``, ``kill()``, ``restart(proc)`` and ``stop_process(proc)`` may be
+    called from any thread (signal handlers, the control socket, tests). ``on_event`` is
+    called on the loop thread for every :class:`SupervisorEvent`.
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        run_dir: str | Path | None = None,
+        *,
+        on_event: Callable[[SupervisorEvent], None] | None = None,
+        grace_s: float | None = None,
+        health_poll_s: float | None = None,
+        control: bool = True,
+        write_config: bool = True,
+    ) -> None:
+        self.plan = plan
+        self.rd = RunDirectory(run_dir if run_dir is not None else plan.run_dir)
+        self.grace_s = plan.stop_grace_s if grace_s is None else grace_s
+        self.health_poll_s = plan.health_poll_s if health_poll_s is None else health_poll_s
+        self.on_event = on_event
+        self._control_enabled = control
+        self._write_config = write_config
+        self._order = [p.name for p in plan.processes]
+        self._children: dict[str, _Child] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: asyncio.Queue[tuple[Any, ...]] | None = None
+        self._early: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+        self._status = RUN_STARTING
+        self._outcome: str | None = None
+        self._failed_proc: str | None = None
+        self._reason: str | None = None
+        self._shutdown = False
+        self._started_at = time.time()
+        self._ended_at: float | None = None
+        self._history: list[dict[str, Any]] = []
+        self._control_path: str | None = None
+        self._preexec = _make_preexec()
+        self._token = plan.shared_env.get(contract.ENV_RUN_TOKEN)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ----- public API (thread-safe) -----
+
+    def request_stop(self) -> None:
+        """Graceful stop of the whole run (SIGTERM, grace, SIGKILL); exit code 130."""
+        self._post(("stop", None, None))
+
+    def kill(self) -> None:
+        """Immediate SIGKILL of every process of the run; exit code 130."""
+        self._post(("kill", None, None))
+
+    def restart(self, proc: str) -> None:
+        """Stop ``proc`` (gracefully) and start it again (not counted against its limit)."""
+        self._post(("restart", proc, None))
+
+    def stop_process(self, proc: str) -> None:
+        """Stop one process; stopping the server (which the trainer needs) stops the run."""
+        self._post(("stop", proc, None))
+
+    async def command(self, cmd: str, proc: str | None = None) -> dict[str, Any]:
+        """Run a control command on the loop and return its JSON answer."""
+        assert self._loop is not None
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._post((cmd, proc, fut))
+        return await fut
+
+    def snapshot(self) -> dict[str, Any]:
+        """The current ``run.json`` content."""
+        return {
+            "version": RUN_JSON_VERSION,
+            "name": self.plan.name,
+            "run_dir": str(self.rd.path),
+            "config": str(self.rd.config),
+            "supervisor_pid": os.getpid(),
+            "status": self._status,
+            "exit_code": _EXIT_CODES.get(self._status),
+            "started_at": self._started_at,
+            "ended_at": self._ended_at,
+            "ports": {"server": self.plan.server_port, "sync": self.plan.sync_port},
+            "server_url": self.plan.server_url,
+            "engine": self.plan.engine,
+            "model": self.plan.model,
+            "control_socket": self._control_path,
+            "failed_process": self._failed_proc,
+            "reason": self._reason,
+            "stop_grace_s": self.grace_s,
+            "processes": {n: self._children[n].state.to_json() for n in self._order if n in self._children},
+            "history": list(self._history),
+        }
+
+    # ----- main -----
+
+    async def run(self) -> int:
+        """Run the plan to its end; every process of the run is gone when this returns."""
+        self._loop = asyncio.get_running_loop()
+        self._inbox = asyncio.Queue()
+        self._children = {s.name: _Child(s) for s in self.plan.processes}
+        with self._lock:
+            for msg in self._early:
+                self._inbox.put_nowait(msg)
+            self._early.clear()
+        self._setup_dir()
+        control = None
+        if self._control_enabled:
+            from vlmrl_tui.control import ControlServer
+
+            control = ControlServer(self, self.rd.path)
+            try:
+                self._control_path = await control.start()
+            except OSError as e:
+                self._event("info", None, None, f"control socket unavailable: {e}")
+                control = None
+        self._set_run_status(RUN_PREPARING if self.plan.prepare else RUN_STARTING)
+        tracker = self._task(self._track_loop())
+        try:
+            await self._main()
+        except BaseException:
+            # Cancelled or crashed: nothing of the run may outlive us.
+            self._outcome = self._outcome or RUN_FAILED
+            self._reason = self._reason or "supervisor interrupted"
+            await asyncio.shield(self._kill_everything())
+            raise
+        finally:
+            tracker.cancel()
+            for t in list(self._tasks):
+                t.cancel()
+            if control is not None:
+                await control.close()
+            self._ended_at = time.time()
+            self._control_path = None
+            self._set_run_status(self._outcome or RUN_FAILED)
+            self._write()
+        return _EXIT_CODES[self._status]
+
+    def _task(self, coro: Any) -> asyncio.Task[Any]:
+        """Create a task and keep a reference until it is done (asyncio keeps weak ones)."""
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _setup_dir(self) -> None:
+        self.rd.create()
+        if self._write_config:
+            tmp = self.rd.config.with_suffix(".toml.tmp")
+            tmp.write_text(self.plan.config_toml, encoding="utf-8")
+            os.replace(tmp, self.rd.config)
+        self._write()
+
+    async def _main(self) -> None:
+        assert self._inbox is not None
+        await self._advance()
+        while not self._finished():
+            msg = await self._inbox.get()
+            await self._handle(msg)
+            await self._advance()
+        # Last sweep: anything carrying this run's token that escaped every tree.
+        await self._sweep_token()
+
+    def _finished(self) -> bool:
+        if not self._shutdown:
+            return False
+        for c in self._children.values():
+            if c.alive or (c.terminator is not None and not c.terminator.done()):
+                return False
+        return True
+
+    async def _advance(self) -> None:
+        """Start whatever may start now."""
+        if self._shutdown:
+            return
+        for name in self._order:
+            c = self._children[name]
+            if c.spec.one_shot:
+                if not c.done:
+                    if not c.alive and c.starts == 0:
+                        await self._spawn(c)
+                    return  # later processes wait for the one-shot step
+                continue
+            if c.alive or c.hold or c.state.status != PENDING:
+                continue
+            if c.terminator is not None and not c.terminator.done():
+                continue  # the previous tree is still going away (port, GPU memory)
+            dep = self._children.get(c.spec.depends_on) if c.spec.depends_on else None
+            if dep is not None and dep.state.status != HEALTHY:
+                continue
+            await self._spawn(c)
+        if self._status in (RUN_PREPARING, RUN_STARTING) and all(
+            c.spec.one_shot or c.state.status in (HEALTHY, RUNNING) for c in self._children.values()
+        ):
+            self._set_run_status(RUN_RUNNING)
+
+    # ----- spawning and watching -----
+
+    async def _spawn(self, c: _Child) -> None:
+        spec = c.spec
+        argv = list(spec.restart_argv) if (c.starts > 0 and spec.restart_argv) else list(spec.argv)
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            attempt = f" (restart {c.state.restarts})" if c.starts else ""
+            os.write(fd, f"--- vlmrl: starting {spec.name}{attempt} at {stamp}\n".encode())
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    cwd=str(spec.cwd),
+                    env=dict(spec.env),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=fd,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=self._preexec,
+                )
+            except OSError as e:
+                os.write(fd, f"--- vlmrl: cannot start {spec.name}: {e}\n".encode())
+                c.starts += 1
+                c.state.argv = argv
+                self._set_state(c, FAILED, f"cannot start: {e}", ended=True)
+                await self._failed(c, f"{spec.name} cannot start: {e}")
+                return
+        finally:
+            os.close(fd)
+        c.starts += 1
+        c.gen += 1
+        c.proc = proc
+        c.stop_reason = None
+        c.sent_kill = False
+        c.escalate = asyncio.Event()
+        c.tree = {}
+        c.track()
+        st = c.state
+        st.argv, st.pid, st.pgid = argv, proc.pid, proc.pid
+        st.started_at, st.healthy_at, st.ended_at = time.time(), None, None
+        st.exit_code = st.signal = None
+        st.stopping = False
+        st.health = None
+        status = STARTING if spec.health_url else RUNNING
+        self._set_state(c, status, f"pid {proc.pid}")
+        self._task(self._watch(c, c.gen, proc))
+        if spec.health_url:
+            self._task(self._health_loop(c, c.gen))
+
+    async def _watch(self, c: _Child, gen: int, proc: asyncio.subprocess.Process) -> None:
+        rc = await proc.wait()
+        self._post(("exit", c.spec.name, (gen, rc)))
+
+    async def _health_loop(self, c: _Child, gen: int) -> None:
+        import httpx
+
+        spec = c.spec
+        assert spec.health_url is not None
+        t0 = time.monotonic()
+        timeout = spec.start_timeout_s or float("inf")
+        healthy = False
+        last_ok: bool | None = None
+        async with httpx.AsyncClient(trust_env=False, timeout=max(1.0, min(5.0, self.health_poll_s * 2))) as client:
+
+            async def probe(url: str) -> bool:
+                try:
+                    r = await client.get(url)
+                    return r.status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            while c.gen == gen and c.alive and c.stop_reason is None:
+                ok = await probe(spec.health_url)
+                if ok and spec.models_url and not healthy:
+                    ok = await probe(spec.models_url)
+                if c.gen != gen or not c.alive:
+                    return
+                if not healthy:
+                    if ok:
+                        healthy = True
+                        self._post(("healthy", spec.name, (gen, time.monotonic() - t0)))
+                    elif time.monotonic() - t0 > timeout:
+                        self._post(("start_timeout", spec.name, (gen, timeout)))
+                        return
+                elif ok != last_ok:
+                    self._post(("health", spec.name, (gen, ok)))
+                last_ok = ok
+                await asyncio.sleep(self.health_poll_s)
+
+    async def _track_loop(self) -> None:
+        while True:
+            for c in self._children.values():
+                c.track()
+            await asyncio.sleep(_TRACK_EVERY_S)
+
+    # ----- messages -----
+
+    def _post(self, msg: tuple[Any, ...]) -> None:
+        with self._lock:
+            loop, inbox = self._loop, self._inbox
+            if loop is None or inbox is None:
+                self._early.append(msg)
+                return
+        # Thread-safe and wakes the loop even from a plain signal handler.
+        with contextlib.suppress(RuntimeError):  # loop closed: the run is over
+            loop.call_soon_threadsafe(inbox.put_nowait, msg)
+
+    async def _handle(self, msg: tuple[Any, ...]) -> None:
+        kind, name, arg = msg
+        c = self._children.get(name) if isinstance(name, str) else None
+        if kind == "exit" and c is not None:
+            gen, rc = arg
+            if gen == c.gen:
+                await self._on_exit(c, rc)
+        elif kind == "healthy" and c is not None:
+            gen, took = arg
+            if gen == c.gen and c.alive and c.state.status == STARTING and c.stop_reason is None:
+                c.state.healthy_at = time.time()
+                c.state.health = "ok"
+                self._set_state(c, HEALTHY, f"answered {c.spec.health_url} after {took:.1f} s")
+        elif kind == "health" and c is not None:
+            gen, ok = arg
+            if gen == c.gen and c.alive and c.stop_reason is None and not self._shutdown:
+                c.state.health = "ok" if ok else "failing"
+                self._event("info", c.spec.name, c.state.status, f"{c.spec.name}: health {c.state.health}")
+                self._write()
+        elif kind == "start_timeout" and c is not None:
+            gen, timeout = arg
+            if gen == c.gen and c.alive and c.state.status == STARTING and c.stop_reason is None:
+                why = f"not healthy after {timeout:g} s (no 200 from {c.spec.health_url})"
+                c.state.reason = why
+                self._start_terminator(c, "timeout")
+                await self._failed(c, f"{c.spec.name} {why}")
+        elif kind == "respawn" and c is not None:
+            if not self._shutdown and not c.alive and c.state.status == RESTARTING:
+                c.state.status = PENDING  # _advance starts it once its dependency is healthy
+        elif kind in ("stop", "kill", "restart", "status"):
+            reply = self._command(kind, name, c)
+            fut = arg
+            if isinstance(fut, asyncio.Future) and not fut.done():
+                fut.set_result(reply)
+        elif kind == "reaped":
+            pass
+        else:
+            fut = arg
+            if isinstance(fut, asyncio.Future) and not fut.done():
+                fut.set_result({"ok": False, "error": f"unknown command {kind!r} or process {name!r}"})
+
+    def _command(self, cmd: str, name: str | None, c: _Child | None) -> dict[str, Any]:
+        if name is not None and c is None:
+            return {"ok": False, "error": f"no process named {name!r} (known: {', '.join(self._order)})"}
+        if cmd == "status":
+            return {"ok": True, "run": self.snapshot()}
+        if cmd == "restart":
+            if c is None:
+                return {"ok": False, "error": "restart needs a process name"}
+            if self._shutdown:
+                return {"ok": False, "error": "the run is stopping"}
+            if c.spec.one_shot:
+                return {"ok": False, "error": f"{c.spec.name} is a one-shot step"}
+            c.hold = False
+            c.state.restarts += 1
+            if c.alive:
+                self._event("info", c.spec.name, c.state.status, f"{c.spec.name}: restart requested")
+                self._start_terminator(c, "restart")
+            elif c.state.status != PENDING:
+                self._set_state(c, PENDING, "restart requested")
+            else:
+                c.state.restarts -= 1  # never started yet: it starts when it may
+            return {"ok": True}
+        if cmd in ("stop", "kill"):
+            immediate = cmd == "kill"
+            if c is None or c.spec.name != self._trainer_name():
+                self._begin_shutdown(RUN_STOPPED, None, f"{cmd} requested", immediate=immediate)
+                return {"ok": True}
+            c.hold = True  # stays down until a restart command
+            if c.alive:
+                self._start_terminator(c, cmd, immediate=immediate)
+            else:
+                if c.respawn_task is not None and not c.respawn_task.done():
+                    c.respawn_task.cancel()
+                if c.state.status not in ENDED_STATUSES:
+                    self._set_state(c, STOPPED, f"{cmd} requested", ended=True)
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _trainer_name(self) -> str | None:
+        for n in self._order:
+            if self._children[n].spec.depends_on is not None:
+                return n
+        return None
+
+    async def _on_exit(self, c: _Child, rc: int) -> None:
+        st = c.state
+        c.proc = None
+        st.exit_code, st.signal, st.ended_at = rc, signal_name(rc), time.time()
+        st.stopping = False
+        how = f"killed by {st.signal}" if st.signal else f"exit code {rc}"
+        # Leftovers of the group (e.g. engine workers of a crashed server) go too.
+        if c.terminator is None or c.terminator.done():
+            self._start_terminator(c, c.stop_reason or "cleanup", leader_gone=True)
+        if c.stop_reason is not None:
+            why = c.stop_reason
+            if why == "timeout":
+                self._set_state(c, FAILED, st.reason, ended=True)
+            elif why == "restart":
+                self._set_state(c, RESTARTING, f"{how}; restarting on request")
+                self._schedule_respawn(c, 0.0)
+            else:
+                status = KILLED if (c.sent_kill or why == "kill") else STOPPED
+                sent = "SIGKILL" if status == KILLED else "SIGTERM"
+                self._set_state(c, status, f"vlmrl sent {sent} ({why}); {how}", ended=True)
+            return
+        if c.spec.one_shot:
+            if rc == 0:
+                c.done = True
+                self._set_state(c, EXITED, "done", ended=True)
+                if self._status == RUN_PREPARING:
+                    self._set_run_status(RUN_STARTING)
+            else:
+                self._set_state(c, FAILED if rc > 0 else KILLED, how, ended=True)
+                await self._failed(c, f"{c.spec.name} failed ({how})")
+            return
+        if rc == 0 and c.spec.name == self._trainer_name():
+            self._set_state(c, EXITED, "exit code 0: training complete", ended=True)
+            self._begin_shutdown(RUN_COMPLETED, None, "training complete")
+            return
+        unexpected = f"{how} (not sent by vlmrl)" if st.signal else how
+        if rc == 0:
+            unexpected = "exited with code 0 while the run needed it"
+        status = KILLED if st.signal else FAILED
+        if not self._shutdown and c.spec.restart == "on-failure" and c.failure_restarts < c.spec.max_restarts:
+            c.failure_restarts += 1
+            st.restarts += 1
+            delay = min(MAX_BACKOFF_S, c.spec.restart_backoff_s * 2 ** (c.failure_restarts - 1))
+            self._set_state(
+                c,
+                RESTARTING,
+                f"{unexpected}; restart {c.failure_restarts} of {c.spec.max_restarts} in {delay:g} s",
+            )
+            self._event("failure", c.spec.name, RESTARTING, f"{c.spec.name} {unexpected}", tail=True)
+            self._schedule_respawn(c, delay)
+            return
+        limit = f" after {c.failure_restarts} restart(s)" if c.failure_restarts else ""
+        self._set_state(c, status, unexpected + limit, ended=True)
+        await self._failed(c, f"{c.spec.name} {unexpected}{limit}")
+
+    async def _failed(self, c: _Child, reason: str) -> None:
+        self._event("failure", c.spec.name, c.state.status, reason, tail=True)
+        self._begin_shutdown(RUN_FAILED, c.spec.name, reason)
+
+    def _schedule_respawn(self, c: _Child, delay: float) -> None:
+        async def later(term: asyncio.Task[None] | None) -> None:
+            if term is not None:
+                await asyncio.wait([term])  # old tree gone first: port and GPU memory free
+            await asyncio.sleep(delay)
+            self._post(("respawn", c.spec.name, None))
+
+        c.respawn_task = self._task(later(c.terminator))
+
+    # ----- stopping -----
+
+    def _begin_shutdown(self, outcome: str, failed: str | None, reason: str, immediate: bool = False) -> None:
+        if self._outcome is None:
+            self._outcome, self._failed_proc, self._reason = outcome, failed, reason
+        first = not self._shutdown
+        self._shutdown = True
+        if first:
+            self._set_run_status(RUN_STOPPING)
+        for name in reversed(self._order):  # dependents (trainer) first, then the server
+            c = self._children[name]
+            if c.respawn_task is not None and not c.respawn_task.done():
+                c.respawn_task.cancel()
+                if c.state.status == RESTARTING:
+                    last = c.state.reason or ""
+                    status = KILLED if c.state.signal else FAILED
+                    if c.stop_reason == "restart":
+                        status = STOPPED
+                    self._set_state(c, status, f"{last}; restart cancelled (run {outcome})", ended=True)
+            if c.alive:
+                why = "kill" if immediate else ("stop" if outcome == RUN_STOPPED else f"run {outcome}")
+                if failed is not None and outcome == RUN_FAILED and c.spec.name != failed:
+                    why = f"{failed} failed"
+                if c.terminator is None or c.terminator.done():
+                    self._start_terminator(c, why, immediate=immediate)
+                elif immediate:
+                    c.sent_kill = True
+                    c.escalate.set()
+            elif immediate and c.terminator is not None and not c.terminator.done():
+                c.escalate.set()
+        self._write()
+
+    def _start_terminator(self, c: _Child, why: str, immediate: bool = False, leader_gone: bool = False) -> None:
+        if not leader_gone:
+            c.stop_reason = why
+            c.state.stopping = True
+            self._write()
+        if immediate:
+            c.sent_kill = True
+            c.escalate.set()
+        if c.terminator is not None and not c.terminator.done():
+            return
+        c.track()
+        c.terminator = self._task(self._terminate(c, leader_gone))
+
+    async def _terminate(self, c: _Child, leader_gone: bool) -> None:
+        """SIGTERM the child's group and tree, wait the grace period, SIGKILL what is left."""
+        try:
+            await self._terminate_tree(c, leader_gone)
+        finally:
+            self._post(("reaped", c.spec.name, None))  # wakes the main loop
+
+    async def _terminate_tree(self, c: _Child, leader_gone: bool) -> None:
+        pgid = c.state.pgid
+        procs = c.remaining()
+        if leader_gone and not procs:
+            return
+        if c.escalate.is_set():
+            _send(procs, pgid, signal.SIGKILL)
+        else:
+            _send(procs, pgid, signal.SIGTERM)
+            deadline = time.monotonic() + self.grace_s
+            while time.monotonic() < deadline and not c.escalate.is_set():
+                c.track()
+                if not c.remaining():
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(c.escalate.wait(), _REAP_POLL_S)
+            left = c.remaining()
+            if left:
+                c.sent_kill = True
+                _send(left, pgid, signal.SIGKILL)
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            left = c.remaining()
+            if not left:
+                break
+            _send(left, pgid, signal.SIGKILL)
+            await asyncio.sleep(_REAP_POLL_S)
+
+    async def _kill_everything(self) -> None:
+        self._shutdown = True
+        for c in self._children.values():
+            c.track()
+            _send(c.remaining(), c.state.pgid, signal.SIGKILL)
+            if c.proc is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(c.proc.wait(), 5.0)
+                rc = c.proc.returncode if c.proc is not None else None
+                c.proc = None
+                c.state.exit_code, c.state.signal, c.state.ended_at = rc, signal_name(rc), time.time()
+                c.state.status, c.state.reason = KILLED, "SIGKILL by vlmrl (supervisor interrupted)"
+        await self._sweep_token()
+
+    async def _sweep_token(self) -> None:
+        if not self._token:
+            return
+        left = await asyncio.to_thread(_processes_with_token, self._token)
+        if not left:
+            return
+        self._event("info", None, None, f"stopping {len(left)} leftover process(es) of this run")
+        _send(left, None, signal.SIGTERM)
+        _gone, alive = await asyncio.to_thread(psutil.wait_procs, left, min(self.grace_s, 5.0))
+        _send(list(alive), None, signal.SIGKILL)
+        await asyncio.to_thread(psutil.wait_procs, list(alive), 5.0)
+
+    # ----- state and events -----
+
+    def _set_state(self, c: _Child, status: str, reason: str | None, ended: bool = False) -> None:
+        st = c.state
+        st.status, st.reason = status, reason
+        if ended and st.ended_at is None:
+            st.ended_at = time.time()
+        entry = {"time": time.time(), "proc": c.spec.name, "status": status, "reason": reason}
+        self._history.append(entry)
+        del self._history[:-HISTORY_MAX]
+        self._event("state", c.spec.name, status, state_line(c.spec.name, st.to_json()))
+        self._write()
+
+    def _set_run_status(self, status: str) -> None:
+        if self._status == status:
+            return
+        self._status = status
+        self._history.append({"time": time.time(), "proc": None, "status": status, "reason": self._reason})
+        self._event("run", None, status, f"run: {status}" + (f" - {self._reason}" if self._reason else ""))
+        self._write()
+
+    def _event(self, kind: str, proc: str | None, status: str | None, message: str, tail: bool = False) -> None:
+        if self.on_event is None:
+            return
+        log_tail: tuple[str, ...] = ()
+        if tail and proc is not None and proc in self._children:
+            log_tail = tuple(last_lines(self._children[proc].spec.log_path, LOG_TAIL_LINES))
+        try:
+            self.on_event(SupervisorEvent(kind, proc, status, message, log_tail=log_tail))
+        except Exception:  # a broken view must not break the run
+            pass
+
+    def _write(self) -> None:
+        try:
+            write_json_atomic(self.rd.run_json, self.snapshot())
+        except OSError as e:
+            if self.on_event is not None:
+                with contextlib.suppress(Exception):
+                    self.on_event(SupervisorEvent("info", None, None, f"cannot write run.json: {e}"))
