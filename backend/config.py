@@ -72,6 +72,9 @@ class InferenceArgs(BaseModel):
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest accepted image (w*h)")
     max_batch_size: int = Field(64, gt=0, description="hf engine: sequences generated together")
     batch_wait_ms: float = Field(5.0, ge=0, description="hf engine: time to gather a batch")
+    allowed_local_media_path: str | None = Field(
+        None, description="directory whose images requests may name by path (vLLM's option of the same name)"
+    )
 
     @field_validator("limit_mm_per_prompt")
     @classmethod
@@ -126,6 +129,10 @@ class MultimodalRLConfig(BaseModel):
     loss_agg: Literal["token", "sequence"] = "token"
     seed: int = 0
     sync_to_vllm_every: int = Field(1, gt=0)
+    async_level: int = Field(
+        1, ge=0, le=1,
+        description="with a server: rollouts of the next step are generated while this one trains (0: on-policy)",
+    )
     log_every_steps: int = Field(1, gt=0)
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
     max_concurrent: int = Field(128, gt=0)

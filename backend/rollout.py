@@ -1,0 +1,296 @@
+"""The rollout client: prompts in, scored completions (with behaviour logprobs) out.
+
+:class:`RolloutClient` sends each example once with ``n = rollouts_per_step`` to the
+server's OpenAI-compatible chat route (the hf engine or vLLM), at most
+``max_concurrent`` requests in flight, and asks for ``logprobs`` and ``return_token_ids``
+so the trainer gets the generated ids and their logprobs and never re-tokenises a
+completion. Images travel as PNG (lossless) in ``data:`` URLs; the rollout keeps the
+images decoded from the very bytes that were sent, so trainer and server see the same
+pixels. Connection errors, timeouts and 5xx answers are retried with exponential
+backoff (a chat completion changes nothing on the server, so a retry is safe); a 4xx
+is raised at once as a :class:`RolloutError` naming the example.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import random
+import time
+import zlib
+from typing import Any, Sequence
+
+import httpx
+from PIL import Image
+
+from backend import contract
+from backend.errors import VlmrlError
+from backend.rollout_types import Rollout
+from backend.sampling import logit_bias_for
+from environments.base import Environment, Example
+
+log = logging.getLogger("vlmrl.rollout")
+
+RETRY_STATUS = frozenset({500, 502, 503, 504})
+
+
+class RolloutError(VlmrlError):
+    """A rollout request failed for good (bad request, or retries exhausted)."""
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """``img`` as PNG bytes (lossless for every mode PNG holds; others become RGB/RGBA)."""
+    if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def png_data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def to_openai_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Image.Image]]:
+    """HF-format messages -> (OpenAI messages, HF messages with round-tripped images, images).
+
+    Each image is encoded to PNG once; the returned HF messages and image list hold the
+    image decoded from those bytes (identical pixels to what the server decodes).
+    """
+    wire: list[dict[str, Any]] = []
+    local: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for msg in messages:
+        content = msg.get("content")
+        if not isinstance(content, list):
+            wire.append({"role": msg["role"], "content": content})
+            local.append(dict(msg))
+            continue
+        wparts: list[dict[str, Any]] = []
+        lparts: list[dict[str, Any]] = []
+        for part in content:
+            ptype = part.get("type")
+            if ptype == "image":
+                img = part["image"]
+                if not isinstance(img, Image.Image):
+                    raise RolloutError(f"image parts must hold PIL images, got {type(img).__name__}")
+                data = encode_png(img)
+                back = decode_png(data)
+                images.append(back)
+                wparts.append({"type": "image_url", "image_url": {"url": png_data_url(data)}})
+                lparts.append({**part, "image": back})
+            elif ptype == "text":
+                wparts.append({"type": "text", "text": part["text"]})
+                lparts.append(dict(part))
+            else:
+                raise RolloutError(f"unsupported message part type {ptype!r}")
+        wire.append({"role": msg["role"], "content": wparts})
+        local.append({**msg, "content": lparts})
+    return wire, local, images
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        data = r.json()
+    except ValueError:
+        return r.text[:300]
+    err = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(err, dict):
+        return str(err.get("message", err))
+    return str(err)[:300]
+
+
+def parse_choice(choice: dict[str, Any]) -> tuple[list[int], list[float], str, str]:
+    """(token ids, logprobs, text, finish reason) of one choice (hf engine or vLLM)."""
+    lp = choice.get("logprobs") or {}
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not isinstance(content, list):
+        raise RolloutError("server answered without logprobs (it must honour \"logprobs\": true)")
+    logprobs = [float(e["logprob"]) for e in content]
+    ids = choice.get("token_ids")
+    if ids is None:
+        # vLLM with --return-tokens-as-token-ids answers "token_id:123" strings instead.
+        try:
+            ids = [int(str(e["token"]).split("token_id:", 1)[1]) for e in content]
+        except (IndexError, ValueError, KeyError):
+            raise RolloutError("server answered without token ids (it must honour \"return_token_ids\": true)") from None
+    ids = [int(t) for t in ids]
+    if len(ids) != len(logprobs):
+        raise RolloutError(f"server answered {len(ids)} token ids but {len(logprobs)} logprobs")
+    text = (choice.get("message") or {}).get("content") or ""
+    return ids, logprobs, text, str(choice.get("finish_reason") or "stop")
+
+
+def request_seed(seed: int | None, step: int, example_id: str) -> int | None:
+    """A per-request seed derived from the run seed, the step and the example (stable across runs)."""
+    if seed is None:
+        return None
+    return zlib.crc32(f"{seed}/{step}/{example_id}".encode()) & 0x7FFFFFFF
+
+
+class RolloutClient:
+    """Collects scored rollouts from an inference server.
+
+    ``banned_ids`` are the token ids never to sample (image pads, vision markers, ...),
+    sent as ``logit_bias``; the caller gets them from its tokenizer
+    (:func:`backend.sampling.banned_token_ids`), the client never loads a model.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        banned_ids: Sequence[int],
+        max_concurrent: int = 128,
+        timeout_s: float = 300.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        model: str | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.logit_bias = logit_bias_for(banned_ids)
+        self.max_concurrent = int(max_concurrent)
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.model = model
+        self.last_weight_version: int | None = None
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _model_name(self, client: httpx.AsyncClient) -> str:
+        if self.model is None:
+            data = await self._request(client, "GET", contract.ROUTE_MODELS, None, what="listing models")
+            try:
+                self.model = str(data["data"][0]["id"])
+            except (KeyError, IndexError, TypeError):
+                raise RolloutError(f"{contract.ROUTE_MODELS} answered no model") from None
+        return self.model
+
+    async def _request(self, client: httpx.AsyncClient, method: str, route: str, body: dict[str, Any] | None,
+                       *, what: str) -> dict[str, Any]:
+        """One request with retries on connection errors, timeouts and 5xx."""
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                delay = self.backoff_s * (2 ** (attempt - 1)) * (1 + 0.25 * random.random())
+                log.warning("%s: %s; retry %d/%d in %.1fs", what, last, attempt, self.retries, delay)
+                await asyncio.sleep(delay)
+            try:
+                r = await client.request(method, route, json=body)
+            except (httpx.TransportError, httpx.TimeoutException) as e:
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if r.status_code in RETRY_STATUS:
+                last = f"HTTP {r.status_code}: {_error_message(r)}"
+                continue
+            if r.status_code != 200:
+                raise RolloutError(f"{what}: HTTP {r.status_code}: {_error_message(r)}")
+            try:
+                data = r.json()
+            except ValueError:
+                raise RolloutError(f"{what}: server answered non-JSON") from None
+            if not isinstance(data, dict):
+                raise RolloutError(f"{what}: server answered {type(data).__name__}, not an object")
+            return data
+        raise RolloutError(f"{what}: failed after {self.retries + 1} attempts: {last}")
+
+    # ------------------------------------------------------------------ rollouts
+
+    async def _one(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, env: Environment, example: Example,
+                   group: int, n: int, params: dict[str, Any], step: int, seed: int | None) -> list[Rollout]:
+        wire, local, images = await asyncio.to_thread(to_openai_messages, example.messages)
+        body = {
+            "model": await self._model_name(client),
+            "messages": wire,
+            "n": n,
+            "logprobs": True,
+            "return_token_ids": True,
+            "logit_bias": self.logit_bias,
+            **params,
+        }
+        rs = request_seed(seed, step, example.id)
+        if rs is not None:
+            body["seed"] = rs
+        async with sem:
+            data = await self._request(client, "POST", contract.ROUTE_CHAT, body, what=f"example {example.id!r}")
+        choices = data.get("choices")
+        if not isinstance(choices, list) or len(choices) != n:
+            got = len(choices) if isinstance(choices, list) else 0
+            raise RolloutError(f"example {example.id!r}: asked for {n} completions, server answered {got}")
+        if isinstance(data.get("weight_version"), int):
+            self.last_weight_version = data["weight_version"]
+        out: list[Rollout] = []
+        for j, choice in enumerate(sorted(choices, key=lambda c: c.get("index", 0))):
+            try:
+                ids, lps, text, finish = parse_choice(choice)
+            except RolloutError as e:
+                raise RolloutError(f"example {example.id!r}: {e}") from None
+            score = env.score(example, text)
+            out.append(Rollout(
+                example_id=example.id, group=group, messages=local, images=images, completion=text,
+                completion_ids=ids, behavior_logprobs=lps, finish_reason=finish, reward=float(score.reward),
+                reward_parts=dict(score.parts), answer=example.answer, step=step, index=group * n + j,
+            ))
+        return out
+
+    async def acollect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
+                       top_p: float = 1.0, max_tokens: int = 64, step: int = 0, seed: int | None = None) -> list[Rollout]:
+        """``n`` scored rollouts per example, grouped by example, in example order."""
+        params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+        limits = httpx.Limits(max_connections=self.max_concurrent, max_keepalive_connections=self.max_concurrent)
+        timeout = httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
+        sem = asyncio.Semaphore(self.max_concurrent)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits) as client:
+            await self._model_name(client)
+            tasks = [asyncio.create_task(self._one(client, sem, env, ex, g, n, params, step, seed))
+                     for g, ex in enumerate(examples)]
+            try:
+                groups = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        return [r for grp in groups for r in grp]
+
+    def collect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
+                top_p: float = 1.0, max_tokens: int = 64, step: int = 0, seed: int | None = None) -> list[Rollout]:
+        """Synchronous :meth:`acollect` (not from inside a running event loop)."""
+        return asyncio.run(self.acollect(env, examples, n, temperature=temperature, top_p=top_p,
+                                         max_tokens=max_tokens, step=step, seed=seed))
+
+
+def wait_for_health(base_url: str, timeout_s: float, *, proc: Any = None, interval_s: float = 0.25) -> dict[str, Any]:
+    """Poll ``GET /health`` until it answers 200; return its JSON.
+
+    Raises :class:`RolloutError` on timeout, or at once when ``proc`` (a ``Popen``) exits.
+    """
+    deadline = time.monotonic() + timeout_s
+    url = base_url.rstrip("/") + contract.ROUTE_HEALTH
+    last = "no answer yet"
+    with httpx.Client(timeout=5.0) as client:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RolloutError(f"server process exited with code {proc.returncode} before {url} was healthy")
+            try:
+                r = client.get(url)
+                if r.status_code == 200:
+                    try:
+                        return r.json()
+                    except ValueError:
+                        return {}
+                last = f"HTTP {r.status_code}: {_error_message(r)}"
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+            if time.monotonic() > deadline:
+                raise RolloutError(f"{url} not healthy after {timeout_s:.0f}s ({last})")
+            time.sleep(interval_s)

@@ -1,0 +1,664 @@
+"""The ``hf`` engine: transformers ``generate`` in-process, batching concurrent requests.
+
+One generation thread gathers requests (up to ``max_batch_size`` sequences, waiting at
+most ``batch_wait_ms`` for more), left-pads them into one batch (a request with ``n > 1``
+is its prompt repeated ``n`` times) and runs ``generate`` with a logits processor that
+*is* the sampler:
+
+* it computes the sampling distribution exactly as :mod:`backend.sampling` defines it
+  (logits + logit bias, divided by the temperature, log-softmax; temperature 0 means
+  greedy and its logprobs are those of temperature 1),
+* draws the next token itself (nucleus filtering for ``top_p < 1``; the model's image
+  and video placeholder tokens can never be drawn, they would break the next forward
+  pass), records its logprob, and hands ``generate`` a one-hot score so greedy search
+  keeps exactly that token.
+
+So the reported logprobs are those of the distribution the token was drawn from, and
+``generate`` keeps handling the model-specific parts (KV cache, M-RoPE positions,
+``mm_token_type_ids``). A request with a ``seed`` runs in a batch of its own with its own
+generator, so it is reproducible.
+
+A completion ends with an end-of-sequence/end-of-turn token, a stop string or
+``max_tokens``. Token ids and logprobs include every generated token up to and including
+the one that ended it (also the EOS token and the token completing a stop string, as
+vLLM reports them); the text omits special tokens and is cut before the stop string.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from backend.errors import RequestError
+from backend.serve.protocol import SamplingParams
+from backend.weight_sync import FlatLayout, WeightReceiver, dtype_name, flatten_parameters
+
+log = logging.getLogger("vlmrl.serve")
+
+_SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+_PLACEHOLDER_ATTRS = ("image_token_id", "video_token_id", "image_token_index", "video_token_index", "audio_token_id")
+
+
+@dataclass
+class Prompt:
+    """One tokenised prompt (batch dimension 1) ready for the engine."""
+
+    inputs: dict[str, torch.Tensor]
+    prompt_ids: list[int]
+    num_image_tokens: int
+
+
+@dataclass
+class Completion:
+    """One generated sequence."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class _Job:
+    prompt: Prompt
+    params: SamplingParams
+    future: cf.Future[tuple[list[Completion], int]]
+    max_tokens: int
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class _Sampler(LogitsProcessor):
+    """Logits processor + stopping criterion of one ``generate`` call (see module doc)."""
+
+    def __init__(self, engine: "HFEngine", rows: list[tuple[_Job, int]], generator: torch.Generator,
+                 vocab: int, device: torch.device) -> None:
+        self.engine = engine
+        self.rows = rows
+        self.gen = generator
+        n = len(rows)
+        params = [job.params for job, _ in rows]
+        self.temps = [p.temperature for p in params]
+        self.greedy = torch.tensor([t == 0.0 for t in self.temps], device=device)
+        self.any_sample = not bool(self.greedy.all())
+        self.div = None
+        if any(t not in (0.0, 1.0) for t in self.temps):
+            self.div = torch.tensor([[t if t > 0 else 1.0] for t in self.temps], dtype=torch.float32, device=device)
+        self.top_p = None
+        if any(p.top_p < 1.0 for p in params):
+            self.top_p = torch.tensor([[p.top_p] for p in params], dtype=torch.float32, device=device)
+        self.bias = self._bias(params, vocab, device)
+        self.max_tokens = [job.max_tokens for job, _ in rows]
+        self.stops = [job.params.stop for job, _ in rows]
+        self.top_k = max((p.top_logprobs for p in params), default=0)
+        self.done = torch.zeros(n, dtype=torch.bool, device=device)
+        self.done_list = [False] * n
+        self.reason = ["length"] * n
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.lps: list[list[float]] = [[] for _ in range(n)]
+        self.tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
+        self.placeholders = [t for t in engine.placeholder_ids if t < vocab]
+
+    @staticmethod
+    def _bias(params: list[SamplingParams], vocab: int, device: torch.device) -> torch.Tensor | None:
+        if not any(p.logit_bias for p in params):
+            return None
+        first = params[0].logit_bias
+        if all(p.logit_bias == first for p in params):
+            vec = torch.zeros(vocab, dtype=torch.float32, device=device)
+            for k, v in first.items():
+                vec[k] = v
+            return vec
+        mat = torch.zeros(len(params), vocab, dtype=torch.float32, device=device)
+        for i, p in enumerate(params):
+            for k, v in p.logit_bias.items():
+                mat[i, k] = v
+        return mat
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float()
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.div is not None:
+            logits = logits / self.div
+        lp = torch.log_softmax(logits, dim=-1)
+        masked = lp
+        if self.placeholders:
+            masked = lp.clone()
+            masked[:, self.placeholders] = float("-inf")
+        chosen = masked.argmax(dim=-1)
+        if self.any_sample:
+            probs = masked.exp()
+            if self.top_p is not None:
+                probs = _nucleus(probs, self.top_p)
+            drawn = torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
+            chosen = torch.where(self.greedy, chosen, drawn)
+        chosen_lp = lp.gather(1, chosen[:, None]).squeeze(1)
+        ids = chosen.tolist()
+        vals = chosen_lp.tolist()
+        top = None
+        if self.top_k:
+            tv, ti = lp.topk(self.top_k, dim=-1)
+            top = (ti.tolist(), tv.tolist())
+        eng = self.engine
+        for r, (tok, val) in enumerate(zip(ids, vals)):
+            if self.done_list[r]:
+                continue
+            self.ids[r].append(tok)
+            self.lps[r].append(val)
+            if top is not None:
+                k = self.rows[r][0].params.top_logprobs
+                self.tops[r].append(list(zip(top[0][r][:k], top[1][r][:k])))
+            if tok in eng.stop_ids:
+                self._finish(r, "stop")
+            elif self.stops[r] and _find_stop(eng.decode(self.ids[r]), self.stops[r]) >= 0:
+                self._finish(r, "stop")
+            elif len(self.ids[r]) >= self.max_tokens[r]:
+                self._finish(r, "length")
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen[:, None], 0.0)
+        return out
+
+    def _finish(self, r: int, reason: str) -> None:
+        self.done_list[r] = True
+        self.done[r] = True
+        self.reason[r] = reason
+
+    def stopping(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.engine._abort.is_set():
+            for r in range(len(self.rows)):
+                if not self.done_list[r]:
+                    self._finish(r, "abort")
+        return self.done.clone()
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero the tail outside each row's top-p nucleus (always keeps the top token)."""
+    sp, si = probs.sort(dim=-1, descending=True)
+    total = sp.sum(dim=-1, keepdim=True)
+    cum = sp.cumsum(dim=-1) / total
+    drop = (cum - sp / total) >= top_p
+    drop[:, 0] = False
+    sp = sp.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(1, si, sp)
+
+
+def _find_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in ``text``, -1 if none."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class _Criteria(StoppingCriteria):
+    """Adapter so the sampler's stop flags act as a transformers StoppingCriteria."""
+
+    def __init__(self, sampler: _Sampler) -> None:
+        self.sampler = sampler
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.sampler.stopping(input_ids, scores, **kwargs)
+
+
+class HFEngine:
+    """A transformers model behind a batching generation thread, with live weight updates."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        model_name: str,
+        max_model_len: int,
+        max_batch_size: int = 64,
+        batch_wait_ms: float = 5.0,
+        weight_backend: str = "gloo",
+    ) -> None:
+        from transformers import GenerationConfig
+
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.model_name = model_name
+        self.max_model_len = int(max_model_len)
+        self.max_batch_size = int(max_batch_size)
+        self.batch_wait_s = float(batch_wait_ms) / 1000.0
+        self.device = next(model.parameters()).device
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self.stop_ids = self._stop_ids(model, tok)
+        self.placeholder_ids = self._placeholder_ids(model.config)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # A clean generation config: the model's own (repetition penalty, top_k, ...) would
+        # change the logits before the sampler sees them.
+        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=None)
+        self.layout = self._flatten(model)
+        self._params = self._param_map(model)
+        self._prep_lock = threading.Lock()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._cv = threading.Condition()
+        self._pause_reasons: set[str] = set()
+        self._running = False
+        self._abort = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._gen = torch.Generator(device=self.device)
+        self._gen.seed()
+        self.weight_version = 0
+        self.receiver = WeightReceiver(self.load_weights, backend=weight_backend)
+        self.updating = False
+        self.dirty_reason: str | None = None
+        self.ready = False
+        self.failure: str | None = None
+        self.stats = {"requests": 0, "batches": 0, "sequences": 0, "tokens": 0, "max_requests_per_batch": 0,
+                      "max_sequences_per_batch": 0, "errors": 0}
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _stop_ids(model: Any, tok: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        for t in ("<|im_end|>", "<|endoftext|>"):
+            tid = tok.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return frozenset(ids)
+
+    @staticmethod
+    def _placeholder_ids(config: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        for cfg in (config, getattr(config, "text_config", None)):
+            for attr in _PLACEHOLDER_ATTRS:
+                v = getattr(cfg, attr, None) if cfg is not None else None
+                if isinstance(v, int) and v >= 0:
+                    ids.add(v)
+        return frozenset(ids)
+
+    @staticmethod
+    def _flatten(model: Any) -> FlatLayout | None:
+        """Parameters in one flat buffer, so weight updates land in place (no copy).
+
+        Needs a second copy of the weights for a moment: skipped on a GPU without room.
+        """
+        params = list(model.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        dev = params[0].device
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            if free < 1.2 * nbytes:
+                log.info("not flattening parameters (%.1f GB free on %s); updates are copied in", free / 1e9, dev)
+                return None
+        try:
+            return flatten_parameters(model)
+        except ValueError as e:
+            log.info("not flattening parameters: %s; updates are copied in", e)
+            return None
+
+    @staticmethod
+    def _param_map(model: Any) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            out[name] = p
+        for name, b in model.named_buffers(remove_duplicate=False):
+            out.setdefault(name, b)
+        return out
+
+    def start(self) -> None:
+        """Start the generation thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="hf-generate", daemon=True)
+            self._thread.start()
+
+    def warmup(self) -> None:
+        """Generate once from a text and an image prompt; the engine is ready only after."""
+        from PIL import Image
+
+        img = Image.new("RGB", (64, 64), (200, 30, 30))
+        msgs = [
+            [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+            [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Colour?"}]}],
+        ]
+        params = SamplingParams(n=2, temperature=1.0, max_tokens=2)
+        for m in msgs:
+            prompt = self.prepare(m, [p["image"] for p in m[0]["content"] if p["type"] == "image"])
+            self.submit(prompt, params).result(timeout=600)
+        self.ready = True
+
+    def stop(self) -> None:
+        """Stop the generation thread and leave any weight-sync group."""
+        self._stop.set()
+        self._abort.set()
+        self._queue.put(None)
+        with self._cv:
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.receiver.shutdown()
+
+    # ------------------------------------------------------------------ requests
+
+    def prepare(self, messages: list[dict[str, Any]], images: list[Any]) -> Prompt:
+        """Tokenise ``messages`` with the chat template (as the trainer's adapter does)."""
+        with self._prep_lock:  # fast tokenizers are not safe to share across threads
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            try:
+                if images:
+                    enc = self.processor(text=[text], images=[list(images)], return_tensors="pt")
+                else:
+                    enc = self.processor(text=[text], return_tensors="pt")
+            except Exception as e:  # noqa: BLE001 - e.g. an image the processor cannot resize
+                raise RequestError(f"the processor rejected the prompt: {type(e).__name__}: {e}",
+                                   code="invalid_prompt") from e
+        inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        ids = inputs["input_ids"][0].tolist()
+        n_img = sum(1 for t in ids if t in self.placeholder_ids)
+        return Prompt(inputs=inputs, prompt_ids=ids, num_image_tokens=n_img)
+
+    def check_length(self, prompt: Prompt, params: SamplingParams) -> int:
+        """The request's max new tokens; ``RequestError`` when it cannot fit ``max_model_len``."""
+        plen = len(prompt.prompt_ids)
+        img = f" ({prompt.num_image_tokens} of them image tokens)" if prompt.num_image_tokens else ""
+        if plen >= self.max_model_len:
+            raise RequestError(
+                f"prompt is {plen} tokens{img}, but max_model_len is {self.max_model_len}; "
+                "shorten the prompt or use fewer/smaller images (prompts are never truncated)",
+                code="prompt_too_long",
+            )
+        room = self.max_model_len - plen
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise RequestError(
+                f"prompt is {plen} tokens{img} and max_tokens is {params.max_tokens}: "
+                f"{plen + params.max_tokens} > max_model_len {self.max_model_len}",
+                code="prompt_too_long",
+            )
+        return params.max_tokens
+
+    def submit(self, prompt: Prompt, params: SamplingParams) -> cf.Future[tuple[list[Completion], int]]:
+        """Queue a request; the future gives its ``n`` completions and the weight version used."""
+        max_tokens = self.check_length(prompt, params)
+        if self._stop.is_set():
+            raise RuntimeError("engine is shutting down")
+        fut: cf.Future[tuple[list[Completion], int]] = cf.Future()
+        self._queue.put(_Job(prompt, params, fut, max_tokens))
+        return fut
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, tid: int) -> str:
+        return self.tokenizer.decode([tid], skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _gather(self) -> list[_Job]:
+        job = self._queue.get()
+        if job is None:
+            return []
+        jobs = [job]
+        rows = job.params.n
+        deadline = time.monotonic() + self.batch_wait_s
+        while rows < self.max_batch_size:
+            left = deadline - time.monotonic()
+            try:
+                nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)
+                break
+            jobs.append(nxt)
+            rows += nxt.params.n
+        return jobs
+
+    def _batches(self, jobs: list[_Job]) -> Iterable[tuple[list[_Job], torch.Generator]]:
+        """Unseeded jobs share batches (up to max_batch_size rows); seeded ones run alone."""
+        cur: list[_Job] = []
+        rows = 0
+        for job in jobs:
+            if job.params.seed is not None:
+                continue
+            if cur and rows + job.params.n > self.max_batch_size:
+                yield cur, self._gen
+                cur, rows = [], 0
+            cur.append(job)
+            rows += job.params.n
+        if cur:
+            yield cur, self._gen
+        for job in jobs:
+            if job.params.seed is not None:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(int(job.params.seed) % (2**64))
+                yield [job], g
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            jobs = self._gather()
+            if not jobs:
+                continue
+            for batch, gen in self._batches(jobs):
+                with self._cv:
+                    while self._pause_reasons and not self._stop.is_set():
+                        self._cv.wait()
+                    if self._stop.is_set():
+                        for j in batch:
+                            j.future.set_exception(RuntimeError("engine stopped"))
+                        continue
+                    self._running = True
+                    version = self.weight_version
+                try:
+                    results = self._generate(batch, gen)
+                except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+                    log.exception("generation failed for a batch of %d requests", len(batch))
+                    self.stats["errors"] += 1
+                    for j in batch:
+                        if not j.future.done():
+                            j.future.set_exception(e)
+                else:
+                    for j, comps in zip(batch, results):
+                        j.future.set_result((comps, version))
+                finally:
+                    with self._cv:
+                        self._running = False
+                        self._cv.notify_all()
+        # drain: nothing will serve these any more
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and not job.future.done():
+                job.future.set_exception(RuntimeError("engine stopped"))
+
+    def _collate(self, batch: list[_Job]) -> tuple[dict[str, torch.Tensor], list[tuple[_Job, int]]]:
+        rows: list[tuple[_Job, int]] = [(job, j) for job in batch for j in range(job.params.n)]
+        per_row = [job.prompt.inputs for job, _ in rows]
+        width = max(x["input_ids"].shape[1] for x in per_row)
+        out: dict[str, torch.Tensor] = {}
+        keys = list(per_row[0].keys())
+        for x in per_row[1:]:
+            keys.extend(k for k in x if k not in keys)
+        for key in keys:
+            tensors = [x[key] for x in per_row if key in x]
+            if key in _SEQ_KEYS:
+                if len(tensors) != len(per_row):
+                    raise RuntimeError(f"processor output {key!r} missing for some prompts")
+                padv = self.pad_id if key == "input_ids" else 0
+                padded = []
+                for t in tensors:
+                    extra = width - t.shape[1]
+                    if extra:
+                        t = torch.cat([t.new_full((1, extra), padv), t], dim=1)
+                    padded.append(t)
+                out[key] = torch.cat(padded, dim=0)
+            else:
+                out[key] = torch.cat(tensors, dim=0)
+        return {k: v.to(self.device) for k, v in out.items()}, rows
+
+    def _generate(self, batch: list[_Job], gen: torch.Generator) -> list[list[Completion]]:
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        t0 = time.monotonic()
+        inputs, rows = self._collate(batch)
+        vocab = self.vocab_size
+        sampler = _Sampler(self, rows, gen, vocab, self.device)
+        max_new = max(job.max_tokens for job in batch)
+        gc = GenerationConfig(
+            max_new_tokens=max_new, do_sample=False, num_beams=1, pad_token_id=self.pad_id, eos_token_id=None,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, renormalize_logits=False, use_cache=True,
+        )
+        with torch.inference_mode():
+            self.model.generate(
+                **inputs, generation_config=gc, logits_processor=LogitsProcessorList([sampler]),
+                stopping_criteria=StoppingCriteriaList([_Criteria(sampler)]),
+            )
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(batch)
+        self.stats["sequences"] += len(rows)
+        self.stats["tokens"] += sum(len(x) for x in sampler.ids)
+        self.stats["max_requests_per_batch"] = max(self.stats["max_requests_per_batch"], len(batch))
+        self.stats["max_sequences_per_batch"] = max(self.stats["max_sequences_per_batch"], len(rows))
+        results: list[list[Completion]] = [[] for _ in batch]
+        index = {id(job): i for i, job in enumerate(batch)}
+        for r, (job, _) in enumerate(rows):
+            ids = sampler.ids[r]
+            text = self.decode(ids)
+            if sampler.reason[r] == "stop" and job.params.stop:
+                cut = _find_stop(text, job.params.stop)
+                if cut >= 0:
+                    text = text[:cut]
+            results[index[id(job)]].append(Completion(
+                token_ids=ids, logprobs=sampler.lps[r], text=text, finish_reason=sampler.reason[r],
+                top_logprobs=sampler.tops[r] if job.params.top_logprobs else None,
+            ))
+        log.debug("batch of %d requests / %d sequences in %.3fs", len(batch), len(rows), time.monotonic() - t0)
+        return results
+
+    # ------------------------------------------------------------------ pause / weights
+
+    @property
+    def paused(self) -> bool:
+        with self._cv:
+            return bool(self._pause_reasons)
+
+    def pause(self, reason: str = "admin", mode: str = "wait") -> None:
+        """Stop starting batches. ``wait``: finish the running one first; ``abort``: end it
+        now (its sequences finish with reason "abort"); ``keep``: return at once."""
+        if mode not in ("wait", "abort", "keep"):
+            raise RequestError(f"pause mode must be wait, abort or keep, got {mode!r}")
+        with self._cv:
+            self._pause_reasons.add(reason)
+            if mode == "keep":
+                return
+            if mode == "abort":
+                self._abort.set()
+            try:
+                while self._running:
+                    self._cv.wait()
+            finally:
+                self._abort.clear()
+
+    def resume(self, reason: str = "admin") -> None:
+        with self._cv:
+            self._pause_reasons.discard(reason)
+            self._cv.notify_all()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, details): healthy = loaded, warmed up, generating, weights consistent."""
+        alive = self._thread is not None and self._thread.is_alive()
+        info: dict[str, Any] = {
+            "model": self.model_name, "engine": "hf", "device": str(self.device),
+            "weight_version": self.weight_version, "paused": self.paused, "updating": self.updating,
+            "queued": self._queue.qsize(), "stats": dict(self.stats),
+        }
+        problem = None
+        if not self.ready:
+            problem = "model loaded, warm-up generation not finished"
+        elif not alive:
+            problem = "generation thread is not running"
+        elif self.dirty_reason:
+            problem = f"weights inconsistent: {self.dirty_reason}; a complete weight update is needed"
+        info["status"] = "ok" if problem is None else "unavailable"
+        if problem:
+            info["reason"] = problem
+        return problem is None, info
+
+    def check_weight(self, name: str, shape: list[int]) -> str | None:
+        """Why ``name`` with ``shape`` cannot be loaded, or None."""
+        p = self._params.get(name)
+        if p is None:
+            return f"unknown parameter {name!r}"
+        if list(p.shape) != list(shape):
+            return f"parameter {name!r} has shape {list(p.shape)}, update has {list(shape)}"
+        return None
+
+    def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors into the model (called on the loader thread while paused)."""
+        with torch.no_grad():
+            for name, t in named:
+                self._params[name].copy_(t)
+
+    def weight_info(self) -> dict[str, Any]:
+        seen: set[int] = set()
+        params = []
+        for name, p in self.model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            params.append({"name": name, "dtype": dtype_name(p.dtype), "shape": list(p.shape)})
+        return {"weight_version": self.weight_version, "parameters": params, "updating": self.updating,
+                "ordered_updates": True, "init_probe": True, "flat_parameters": self.layout is not None,
+                "group": {"joined": self.receiver.ready, "rank": self.receiver.rank,
+                          "world_size": self.receiver.world_size, "backend": self.receiver.backend}}
+
+    def begin_update(self) -> None:
+        """``/start_weight_update``: finish the running batch, then hold new ones."""
+        if not self.receiver.ready:
+            raise RequestError("no weight-transfer group: call /init_weight_transfer_engine first",
+                               status=409, code="no_group")
+        self.pause("update", mode="wait")
+        self.receiver.start()
+        self.updating = True
+
+    def end_update(self, version: int) -> list[str]:
+        """``/finish_weight_update``: wait for loads; on success bump the version and resume."""
+        errors = self.receiver.finish()
+        self.updating = False
+        if errors:
+            if self.receiver.loaded_any:
+                self.dirty_reason = f"the last update failed ({errors[0]})"
+            else:
+                self.resume("update")
+            return errors
+        self.weight_version = int(version)
+        self.dirty_reason = None
+        self.resume("update")
+        r = self.receiver
+        log.info("weights updated to version %d (%d buckets, %.1f MB, %d received in place)", version, r.buckets,
+                 r.bytes / 1e6, r.in_place)
+        return []
+
+    def abort_update(self, why: str) -> None:
+        """A broken transfer: stay paused if some weights already changed, else resume."""
+        self.receiver.wait_loaded()
+        self.updating = False
+        if self.receiver.loaded_any:
+            self.dirty_reason = why
+        else:
+            self.resume("update")
