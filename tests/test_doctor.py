@@ -168,9 +168,103 @@ def test_shared_gpus_are_a_warning(tmp_path: Path) -> None:
 
 
 def test_vllm_engine_that_cannot_import_vllm_fails(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, inference={"engine": "vllm", "python": str(tmp_path / "no-venv" / "bin" / "python")})
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    cfg = _cfg(tmp_path, inference={"engine": "vllm", "python": str(missing)})
     (v,) = _by_name(run_checks(cfg, fast_only=True, env={}), "vllm")
     assert v.status == FAIL and "does not exist" in v.message and "install-vllm-cpu.sh" in (v.fix or "")
+    assert str(missing) in v.message
+    assert format_check(v).startswith("fail  vllm") and str(missing) in format_check(v).splitlines()[0]
+
+
+
+def test_full_vllm_check_warns_on_a_build_that_does_not_match_inference_gpus(tmp_path: Path) -> None:
+    from vlmrl_tui.doctor import check_vllm
+
+    py = sys.executable
+    base = {"importable": True, "version": "0.99.0", "distributions": ["vllm"], "torch_version": "2.14.1",
+            "platform": "cpu", "flags": {}, "missing_flags": [], "weight_transfer_backends": ["gloo"],
+            "vlmrl_engine": True}
+    cpu_on_gpu = check_vllm(_cfg(tmp_path, inference={"engine": "vllm", "python": py, "gpus": 1}), False,
+                            probe=lambda _py, _flags: {**base, "torch_cuda": None})
+    assert cpu_on_gpu[0].status == WARN and "CPU build" in cpu_on_gpu[0].message
+    assert "inference.gpus = 1" in cpu_on_gpu[0].message
+    cuda_on_cpu = check_vllm(_cfg(tmp_path, inference={"engine": "vllm", "python": py}), False,
+                             probe=lambda _py, _flags: {**base, "torch_cuda": "12.8", "vlmrl_engine": False,
+                                                        "vlmrl_engine_error": "ImportError: boom"})
+    by = {r.name: r for r in cuda_on_cpu}
+    assert by["vllm"].status == WARN and "CUDA 12.8 build" in by["vllm"].message and "install-vllm-cpu" in (
+        by["vllm"].fix or "")
+    assert by["vllm flags"].status == OK
+    assert by["vllm engine"].status == FAIL and "ImportError: boom" in by["vllm engine"].message
+
+VLLM_VENV_PY = ROOT / ".venv-vllm" / "bin" / "python"
+needs_vllm_venv = pytest.mark.skipif(
+    not VLLM_VENV_PY.is_file(),
+    reason=f"{VLLM_VENV_PY} is missing: run scripts/install-vllm-cpu.sh to test doctor against a real vllm-cpu")
+
+
+def _vllm_config(tmp_path: Path, args: str = "") -> Path:
+    """A vllm-engine config; ``args`` are extra ``[inference.args]`` lines."""
+    p = tmp_path / "vllm.toml"
+    p.write_text(f"""model = "builtin:tiny-qwen3-vl"
+[env]
+id = "colors"
+[inference]
+engine = "vllm"
+port = {free_port()}
+[inference.args]
+max_model_len = 1024
+{args}
+[trainer.args]
+output_dir = "{tmp_path / 'runs'}"
+max_steps = 3
+""")
+    return p
+
+
+@needs_vllm_venv
+def test_fast_vllm_check_reads_the_version_without_importing_vllm(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, inference={"engine": "vllm", "python": str(VLLM_VENV_PY)})
+    (v,) = _by_name(run_checks(cfg, fast_only=True, env={}), "vllm")
+    assert v.status == OK and v.message.startswith("vllm") and str(VLLM_VENV_PY) in v.message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@needs_vllm_venv
+def test_full_doctor_reports_the_vllm_version_and_cpu_build(tmp_path: Path) -> None:
+    r = _cli("doctor", str(_vllm_config(tmp_path, "")))
+    lines = r.stdout.splitlines()
+
+    def line(name: str) -> str:
+        (found,) = [ln for ln in lines if ln[6:19].strip() == name]  # "ok    vllm flags    ..."
+        return found
+
+    vllm = line("vllm")
+    version = subprocess.run([str(VLLM_VENV_PY), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    assert vllm.startswith("ok") and f"vllm-cpu {version} imports; CPU build" in vllm and "platform cpu" in vllm, r.stdout
+    flags = line("vllm flags")
+    assert flags.startswith("ok") and f"exist in vLLM {version}" in flags, r.stdout
+    engine = line("vllm engine")
+    assert engine.startswith("ok") and "vlmrl_nccl" in engine, r.stdout
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@needs_vllm_venv
+def test_full_doctor_fails_on_an_inference_arg_vllm_does_not_know(tmp_path: Path) -> None:
+    from backend.config import load_config
+
+    cfg = load_config(_vllm_config(tmp_path, "definitely_not_a_flag = 1"))
+    results = run_checks(cfg, env={})
+    (flags,) = _by_name(results, "vllm flags")
+    assert flags.status == FAIL
+    assert "--definitely-not-a-flag (inference.args.definitely_not_a_flag)" in flags.message
+    assert "remove definitely_not_a_flag from [inference.args]" in (flags.fix or "")
+    assert "--max-model-len" not in flags.message  # only the unknown one is named
+    assert _by_name(results, "vllm")[0].status == OK
 
 
 def test_model_checks(tmp_path: Path) -> None:
