@@ -1,0 +1,354 @@
+"""``MultimodalBatch``, the ``MultimodalAdapter`` interface and the adapter registry.
+
+An adapter turns scored rollouts into the tensors one VLM family's ``forward`` takes.
+The prompt is tokenised by the model's own processor (chat template with vision tokens,
+image preprocessing); the completion is the server's token ids, appended as they are,
+so the trainer never re-tokenises what the policy sampled::
+
+    input_ids   [ prompt (text + image tokens) | completion (server ids) | pad ]
+    loss_mask   [ 0 ...                     0  | 1 ...               1  | 0   ]
+    behavior_lp [ 0 ...                     0  | server logprobs        | 0   ]
+
+``behavior_logprobs[b, t]`` is the logprob of ``input_ids[b, t]`` given the tokens before
+it. A rollout that cannot be trained on (empty completion, prompt + completion longer than
+``max_length``, image tokens that do not match the images) is dropped with a logged reason
+naming its example id: sequences are never truncated, so never cut through image tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Sequence
+
+import torch
+
+from backend.errors import ModelError
+from backend.loss import group_advantages
+from backend.rollout_types import Rollout
+
+log = logging.getLogger("vlmrl.adapters")
+
+
+@dataclass(frozen=True)
+class DroppedRollout:
+    """A rollout left out of a batch, and why."""
+
+    example_id: str
+    index: int  # Rollout.index
+    reason: str
+
+
+@dataclass
+class MultimodalBatch:
+    """Tensors for one forward/backward pass (B sequences, L positions, right-padded)."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long, 1 on prompt + completion
+    loss_mask: torch.Tensor  # (B, L) float, 1 on completion tokens only
+    behavior_logprobs: torch.Tensor  # (B, L) float, 0 where loss_mask is 0
+    rewards: torch.Tensor  # (B,) float
+    advantages: torch.Tensor  # (B,) float
+    pixel_values: torch.Tensor | None = None  # Qwen: (patches, C*T*P*P); LLaVA: (images, C, H, W)
+    extra_model_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)  # image_grid_thw, ...
+    prompt_lengths: torch.Tensor | None = None  # (B,) long
+    image_index: torch.Tensor | None = None  # (images,) long: which distinct image each image slot repeats
+    example_ids: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # Rollout.index of each row
+    dropped: list[DroppedRollout] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum().item())
+
+    def to(self, device: torch.device | str) -> "MultimodalBatch":
+        """A copy with every tensor on ``device``."""
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return MultimodalBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            loss_mask=self.loss_mask.to(device),
+            behavior_logprobs=self.behavior_logprobs.to(device),
+            rewards=self.rewards.to(device),
+            advantages=self.advantages.to(device),
+            pixel_values=mv(self.pixel_values),
+            extra_model_kwargs={k: v.to(device) for k, v in self.extra_model_kwargs.items()},
+            prompt_lengths=mv(self.prompt_lengths),
+            image_index=mv(self.image_index),
+            example_ids=list(self.example_ids),
+            indices=list(self.indices),
+            dropped=list(self.dropped),
+        )
+
+
+class MultimodalAdapter(ABC):
+    """Builds :class:`MultimodalBatch` es for one VLM family.
+
+    Subclasses implement :meth:`build_batch`; :meth:`model_inputs` maps a batch to the
+    keyword arguments of the model's ``forward`` (override it if the family needs more).
+    """
+
+    #: registry name, e.g. "qwen3-vl"
+    name: ClassVar[str] = ""
+    #: Hugging Face ``config.model_type`` values this adapter serves
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def build_batch(self, rollouts: Sequence[Rollout]) -> MultimodalBatch:
+        """Rollouts -> one right-padded batch (rollouts that cannot be used are dropped)."""
+
+    def model_inputs(self, batch: MultimodalBatch) -> dict[str, Any]:
+        """Keyword arguments for ``model(**kwargs)``."""
+        kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if batch.pixel_values is not None:
+            kwargs["pixel_values"] = batch.pixel_values
+        kwargs.update(batch.extra_model_kwargs)
+        return kwargs
+
+    def forward(self, model: Any, batch: MultimodalBatch, **kwargs: Any) -> Any:
+        """``model(**model_inputs(batch), **kwargs)``; families may compute it more cheaply."""
+        return model(**self.model_inputs(batch), **kwargs)
+
+
+@dataclass
+class PromptEncoding:
+    """A prompt as the processor encodes it."""
+
+    input_ids: torch.Tensor  # (P,) long
+    token_kwargs: dict[str, torch.Tensor]  # per-token extras, each (P,), e.g. mm_token_type_ids
+    image_kwargs: dict[str, torch.Tensor]  # per-image extras, concatenated along dim 0 across the batch
+    num_images: int = 0
+
+
+class ProcessorAdapter(MultimodalAdapter):
+    """A ``MultimodalAdapter`` on a Hugging Face processor: chat template + images.
+
+    Family subclasses say which processor outputs are per token (padded and extended over
+    the completion with zeros) and check that the image tokens match the images.
+    """
+
+    #: processor outputs with one value per token
+    token_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, processor: Any, *, max_length: int | None = None, model_config: Any = None) -> None:
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length = max_length
+        self.model_config = model_config
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        self.pad_token_id: int = int(pad) if pad is not None else 0
+        self._cache: dict[tuple[int, str, int, int, int], tuple[Any, PromptEncoding | str]] = {}
+        self._cache_step: int | None = None
+
+    # --- family hooks -------------------------------------------------------------------------
+
+    def check_images(self, enc: PromptEncoding, n_images: int) -> str | None:
+        """A reason to drop the prompt if its image tokens do not match its images, else None."""
+        return None
+
+    # --- encoding -----------------------------------------------------------------------------
+
+    def prompt_text(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt as text through the chat template, ending with the assistant header."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode_prompt(self, messages: list[dict[str, Any]], images: list[Any]) -> PromptEncoding:
+        """Tokenise one prompt with its images (vision tokens expanded by the processor)."""
+        text = self.prompt_text(messages)
+        if images:
+            enc = self.processor(text=[text], images=[list(images)], return_tensors="pt")
+        else:
+            enc = self.processor(text=[text], return_tensors="pt")
+        ids = enc["input_ids"][0].long()  # (P,)
+        token_kwargs = {k: enc[k][0] for k in self.token_keys if k in enc}
+        skip = {"input_ids", "attention_mask", *self.token_keys}
+        image_kwargs = {k: v for k, v in enc.items() if k not in skip and isinstance(v, torch.Tensor)}
+        return PromptEncoding(ids, token_kwargs, image_kwargs, num_images=len(images))
+
+    def _encode_all(
+        self, rollouts: Sequence[Rollout]
+    ) -> tuple[list[tuple[Rollout, PromptEncoding]], list[DroppedRollout]]:
+        kept: list[tuple[Rollout, PromptEncoding]] = []
+        dropped: list[DroppedRollout] = []
+        # Rollouts of a group share a prompt: encode it once per step, across calls.
+        cache = self._cache
+        steps = {r.step for r in rollouts}
+        if steps != {self._cache_step}:
+            cache.clear()
+            self._cache_step = next(iter(steps)) if len(steps) == 1 else None
+
+        def drop(r: Rollout, reason: str) -> None:
+            dropped.append(DroppedRollout(r.example_id, r.index, reason))
+            log.warning("dropped rollout %s (#%d): %s", r.example_id, r.index, reason)
+
+        for r in rollouts:
+            if not r.completion_ids:
+                drop(r, "empty completion")
+                continue
+            # id()s of the (pinned) messages and images objects: the same prompt, not just the same name
+            key = (r.step, r.example_id, r.group, id(r.messages), id(r.images))
+            if key not in cache:
+                pin = (r.messages, r.images)
+                try:
+                    enc = self.encode_prompt(r.messages, r.images)
+                    cache[key] = (pin, self.check_images(enc, len(r.images)) or enc)
+                except (ValueError, TypeError, RuntimeError) as e:
+                    cache[key] = (pin, f"prompt could not be encoded: {type(e).__name__}: {e}")
+            enc_or_reason = cache[key][1]
+            if isinstance(enc_or_reason, str):
+                drop(r, enc_or_reason)
+                continue
+            total = enc_or_reason.input_ids.numel() + len(r.completion_ids)
+            if self.max_length is not None and total > self.max_length:
+                drop(
+                    r,
+                    f"overlong: {enc_or_reason.input_ids.numel()} prompt + {len(r.completion_ids)} completion "
+                    f"tokens > max_length {self.max_length}",
+                )
+                continue
+            kept.append((r, enc_or_reason))
+        if len(cache) > 4096:  # a caller that never changes step: keep memory bounded
+            cache.clear()
+        return kept, dropped
+
+    def validate(self, rollouts: Sequence[Rollout]) -> tuple[list[Rollout], list[DroppedRollout]]:
+        """Split ``rollouts`` into those a batch would keep and those it would drop (logged)."""
+        kept, dropped = self._encode_all(rollouts)
+        return [r for r, _ in kept], dropped
+
+    def build_batch(self, rollouts: Sequence[Rollout]) -> MultimodalBatch:
+        kept, dropped = self._encode_all(rollouts)
+        rewards = torch.tensor([r.reward for r, _ in kept], dtype=torch.float32)  # (B,)
+        if all(r.advantage is not None for r, _ in kept):
+            advantages = torch.tensor([float(r.advantage) for r, _ in kept], dtype=torch.float32)  # type: ignore[arg-type]
+        else:
+            groups = torch.tensor([r.group for r, _ in kept], dtype=torch.long)
+            advantages = group_advantages(rewards, groups) if kept else torch.zeros(0)
+        B = len(kept)
+        L = max((e.input_ids.numel() + len(r.completion_ids) for r, e in kept), default=0)
+        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        loss_mask = torch.zeros((B, L), dtype=torch.float32)
+        behavior = torch.zeros((B, L), dtype=torch.float32)
+        prompt_lengths = torch.zeros(B, dtype=torch.long)
+        token_extra: dict[str, torch.Tensor] = {}
+        image_parts: dict[str, list[torch.Tensor]] = {}
+        image_index: list[int] = []
+        first_image: dict[int, int] = {}  # id(encoding) -> index of its first distinct image
+        n_distinct = 0
+        for b, (r, e) in enumerate(kept):
+            if id(e) not in first_image:
+                first_image[id(e)] = n_distinct
+                n_distinct += e.num_images
+            image_index.extend(range(first_image[id(e)], first_image[id(e)] + e.num_images))
+            P, C = e.input_ids.numel(), len(r.completion_ids)
+            input_ids[b, :P] = e.input_ids
+            input_ids[b, P : P + C] = torch.tensor(r.completion_ids, dtype=torch.long)
+            attention_mask[b, : P + C] = 1
+            loss_mask[b, P : P + C] = 1.0
+            behavior[b, P : P + C] = torch.tensor(r.behavior_logprobs, dtype=torch.float32)
+            prompt_lengths[b] = P
+            for k, v in e.token_kwargs.items():
+                if k not in token_extra:
+                    token_extra[k] = torch.zeros((B, L), dtype=v.dtype)  # completion/pad: text (0)
+                token_extra[k][b, :P] = v
+            for k, v in e.image_kwargs.items():
+                image_parts.setdefault(k, []).append(v)
+        image_extra = {k: torch.cat(v, dim=0) for k, v in image_parts.items()}
+        pixel_values = image_extra.pop("pixel_values", None)
+        return MultimodalBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            loss_mask=loss_mask,
+            behavior_logprobs=behavior,
+            rewards=rewards,
+            advantages=advantages.float(),
+            pixel_values=pixel_values,
+            extra_model_kwargs={**image_extra, **token_extra},
+            prompt_lengths=prompt_lengths,
+            image_index=torch.tensor(image_index, dtype=torch.long) if image_index else None,
+            example_ids=[r.example_id for r, _ in kept],
+            indices=[r.index for r, _ in kept],
+            dropped=dropped,
+        )
+
+
+# --- registry -------------------------------------------------------------------------------
+
+ADAPTERS: dict[str, type[MultimodalAdapter]] = {}
+
+
+def register_adapter(cls: type[MultimodalAdapter]) -> type[MultimodalAdapter]:
+    """Class decorator: make ``cls`` findable by its name and model types."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    ADAPTERS[cls.name] = cls
+    return cls
+
+
+def _model_type(model_config: Any) -> str | None:
+    if model_config is None:
+        return None
+    if isinstance(model_config, str):
+        return model_config
+    if isinstance(model_config, dict):
+        return model_config.get("model_type")
+    return getattr(model_config, "model_type", None)
+
+
+def adapter_class_for(model_config: Any, name: str | None = None) -> type[MultimodalAdapter]:
+    """The adapter class named ``name``, else the one serving the config's ``model_type``."""
+    _load_builtin()
+    if name:
+        key = name.strip().lower().replace("_", "-")
+        if key in ADAPTERS:
+            return ADAPTERS[key]
+        raise ModelError(f"unknown adapter {name!r}; available: {', '.join(sorted(ADAPTERS))}")
+    mtype = _model_type(model_config)
+    for cls in ADAPTERS.values():
+        if mtype in cls.model_types:
+            return cls
+    served = sorted(t for c in ADAPTERS.values() for t in c.model_types)
+    raise ModelError(
+        f"no adapter for model_type {mtype!r} (served: {', '.join(served)}); "
+        "set trainer.args.adapter or register one with backend.adapters.register_adapter"
+    )
+
+
+def adapter_for(model_config: Any, name: str | None = None, *, processor: Any, **kwargs: Any) -> MultimodalAdapter:
+    """Build the adapter for a model: by ``name`` if given, else by ``model_config.model_type``.
+
+    ``kwargs`` (e.g. ``max_length``) go to the adapter's constructor.
+    """
+    cls = adapter_class_for(model_config, name)
+    if issubclass(cls, ProcessorAdapter):
+        return cls(processor, model_config=model_config if not isinstance(model_config, str) else None, **kwargs)
+    return cls(processor, **kwargs)  # type: ignore[call-arg]
+
+
+def available_adapters() -> list[str]:
+    _load_builtin()
+    return sorted(ADAPTERS)
+
+
+def _load_builtin() -> None:
+    from backend.adapters import llava, qwen  # noqa: F401  (importing registers them)
+
+
+def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    """Consecutive slices of at most ``size`` items."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

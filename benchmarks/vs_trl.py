@@ -1,0 +1,246 @@
+"""vlmrl vs TRL's GRPOTrainer: seconds per GRPO step on the same tiny VLM and task.
+
+Same model (the warm tiny Qwen3-VL), environment (``colors``), prompts per step, group
+size, completion length, learning rate and torch thread count, in one run:
+
+* ``trl``: ``trl.GRPOTrainer`` with its own ``generate`` (no vLLM), one process.
+* ``vlmrl-server``: vlmrl's real step: rollouts from a ``vlmrl serve`` subprocess (hf
+  engine) over HTTP, the GRPO update, the weight sync over gloo, metrics/rollouts/images
+  written to a run directory.
+* ``vlmrl-inprocess``: the same trainer sampling with its own model (no server, no sync).
+
+Each figure is the median wall time per optimizer step after ``--warmup`` steps. Thread
+settings matter more than anything else here: oversubscribed threads make TRL's figure
+swing from 0.4 s to 5 s per step, so every side runs with ``--threads`` torch threads
+(and OMP/MKL threads to match), the server subprocess included.
+
+    python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--threads 1] [--only trl,vlmrl-server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _set_threads(n: int) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _median_after(times: list[float], warmup: int) -> float:
+    return statistics.median(times[warmup:] or times)
+
+
+# --------------------------------------------------------------------------- TRL
+
+
+def run_trl(model_dir: str, a: argparse.Namespace, workdir: Path) -> list[float]:
+    """Per-step wall times of TRL's GRPOTrainer on the colour task."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from environments import make_env
+    from environments.colors import QUESTION, first_word
+
+    env = make_env("colors", {})
+    n_examples = a.prompts * (a.steps + a.warmup)
+    examples = [ex for s in range(a.steps + a.warmup) for ex in env.train_examples(s + 1, a.prompts)][:n_examples]
+    ds = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+         "image": ex.images[0], "answer": ex.answer}
+        for ex in examples
+    ])
+
+    def colour_reward(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
+        texts = [c[0]["content"] if isinstance(c, list) else str(c) for c in completions]
+        return [float(first_word(t) == ans) for t, ans in zip(texts, answer)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t0 = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    cfg = GRPOConfig(
+        output_dir=str(workdir / "trl"), per_device_train_batch_size=a.prompts * a.group, num_generations=a.group,
+        max_completion_length=a.max_tokens, learning_rate=a.lr, max_steps=a.steps + a.warmup, temperature=1.0,
+        top_k=0, top_p=1.0, beta=0.0, num_iterations=1, max_grad_norm=1.0, lr_scheduler_type="constant",
+        logging_steps=10**6, report_to="none",
+        save_strategy="no", use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
+        disable_tqdm=True, shuffle_dataset=False,
+    )
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=[colour_reward], args=cfg, train_dataset=ds,
+                          processing_class=processor, callbacks=[timer])
+    trainer.train()
+    return timer.times
+
+
+# --------------------------------------------------------------------------- vlmrl
+
+
+def _vlmrl_config(a: argparse.Namespace, run_dir: Path) -> Any:
+    from backend.config import MultimodalRLConfig
+
+    return MultimodalRLConfig(
+        learning_rate=a.lr, max_steps=a.steps + a.warmup, batch_size=a.prompts * a.group,
+        micro_batch_size=a.prompts * a.group, rollouts_per_step=a.group, temperature=1.0, max_tokens=a.max_tokens,
+        seed=0, torch_threads=a.threads, output_dir=str(run_dir.parent), run_name=run_dir.name,
+    )
+
+
+def run_vlmrl_inprocess(model_dir: str, a: argparse.Namespace, workdir: Path) -> list[float]:
+    """Per-step wall times of vlmrl's trainer sampling in-process (no server)."""
+    from backend.adapters import adapter_for
+    from backend.models import load_model_and_processor
+    from backend.trainer import MultimodalGRPOTrainer
+    from environments import make_env
+
+    model, processor = load_model_and_processor(model_dir)
+    run_dir = workdir / "vlmrl-inprocess"
+    tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor),
+                               _vlmrl_config(a, run_dir), env=make_env("colors", {}), run_dir=run_dir,
+                               log=lambda s: None)
+    return [m["step_s"] for m in tr.train()]
+
+
+def run_vlmrl_server(model_dir: str, a: argparse.Namespace, workdir: Path) -> tuple[list[float], dict[str, float]]:
+    """Per-step wall times of vlmrl's real step: server subprocess, HTTP rollouts, gloo sync."""
+    import socket
+    import subprocess
+
+    import tomli_w
+
+    from backend import contract
+    from backend.adapters import adapter_for
+    from backend.models import load_model_and_processor
+    from backend.rollout import RolloutClient, wait_for_health
+    from backend.sampling import banned_token_ids
+    from backend.trainer import MultimodalGRPOTrainer
+    from backend.weight_sync import WeightSyncClient
+    from environments import make_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg_path = workdir / "serve.toml"
+    cfg_path.write_text(tomli_w.dumps({
+        "model": model_dir,
+        "env": {"id": "colors"},
+        "inference": {"engine": "hf", "gpus": 0, "host": "127.0.0.1", "port": port,
+                      "args": {"max_model_len": 1024, "limit_mm_per_prompt": {"image": 1}, "dtype": "float32"}},
+        "trainer": {"args": {"torch_threads": a.threads}},
+    }))
+    token = "bench-token"
+    env = {**os.environ, contract.ENV_RUN_TOKEN: token}
+    log = open(workdir / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vlmrl_tui.cli", "serve", str(cfg_path)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(ROOT))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, 300, proc=proc)
+        model, processor = load_model_and_processor(model_dir)
+        banned = banned_token_ids(processor.tokenizer)
+        client = RolloutClient(url, banned_ids=banned, max_concurrent=64, timeout_s=120)
+        sync = WeightSyncClient(url, token, backend="gloo", timeout_s=120).init()
+        run_dir = workdir / "vlmrl-server"
+        tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor),
+                                   _vlmrl_config(a, run_dir), env=make_env("colors", {}), rollout_source=client,
+                                   weight_sync=sync, run_dir=run_dir, banned_ids=banned, log=lambda s: None)
+        try:
+            hist = tr.train()
+        finally:
+            sync.close()
+        parts = {k: _median_after([m[k] for m in hist], a.warmup) for k in ("rollout_s", "train_s", "sync_s")}
+        return [m["step_s"] for m in hist], parts
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per side (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=1, help="torch/OMP threads for every side")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--group", type=int, default=4, help="completions per prompt")
+    p.add_argument("--max-tokens", type=int, default=8, help="max completion tokens")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--only", default="trl,vlmrl-server,vlmrl-inprocess", help="comma-separated sides to run")
+    p.add_argument("--model", default="builtin:tiny-qwen3-vl")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run the sides this many times, alternating, so load changes hit all of them")
+    a = p.parse_args(argv)
+    _set_threads(a.threads)
+
+    import torch
+
+    from backend.models import resolve_model
+
+    model_dir = resolve_model(a.model)
+    sides = [s.strip() for s in a.only.split(",") if s.strip()]
+    print(f"model {a.model} ({model_dir}); {a.prompts} prompts x {a.group} completions x {a.max_tokens} tokens; "
+          f"torch threads {torch.get_num_threads()}; {a.warmup} warm-up + {a.steps} timed steps", flush=True)
+    per_side: dict[str, list[float]] = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory(prefix="vlmrl-vs-trl-") as tmp:
+        for rnd in range(a.rounds):
+            for side in sides:
+                work = Path(tmp) / f"{side}-{rnd}"
+                work.mkdir()
+                t0 = time.perf_counter()
+                torch.manual_seed(0)
+                extra = ""
+                if side == "trl":
+                    times = run_trl(model_dir, a, work)
+                elif side == "vlmrl-inprocess":
+                    times = run_vlmrl_inprocess(model_dir, a, work)
+                elif side == "vlmrl-server":
+                    times, parts = run_vlmrl_server(model_dir, a, work)
+                    extra = " (" + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) + ")"
+                else:
+                    p.error(f"unknown side {side!r}")
+                timed = times[a.warmup:] or times
+                per_side[side].extend(timed)
+                print(f"round {rnd + 1} {side:16s} median {statistics.median(timed):.3f} s/step over {len(timed)} "
+                      f"steps{extra} [{time.perf_counter() - t0:.0f}s]", flush=True)
+    results = {side: statistics.median(v) for side, v in per_side.items()}
+    print("median s/step over all rounds: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
+    if "trl" in results:
+        for side in ("vlmrl-server", "vlmrl-inprocess"):
+            if side in results:
+                print(f"ratio {side} / trl = {results[side] / results['trl']:.2f}  (target <= 0.67)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

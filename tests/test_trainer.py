@@ -1,0 +1,325 @@
+"""The trainer in-process (no server): step math, run directory, checkpoints, resume helpers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+import torch
+
+from backend.adapters import MultimodalAdapter, MultimodalBatch, adapter_for
+from backend.config import MultimodalRLConfig, validate_config
+from backend.errors import ConfigError
+from backend.evaluate import InProcessRolloutSource
+from backend.rollout_types import Rollout
+from backend.rundir import RunDirectory, read_jsonl
+from backend.train import check_resumable, run_identity, truncate_jsonl_after
+from backend.trainer import MultimodalGRPOTrainer, read_trainer_state
+from environments import make_env
+
+METRIC_KEYS = {
+    "step", "reward_mean", "reward_std", "loss", "ir", "ir_min", "ir_max", "entropy", "kl", "mismatch_kl",
+    "clip_frac", "masked_frac", "grad_norm", "lr", "tokens_per_s", "rollout_s", "train_s", "sync_s", "step_s",
+    "num_rollouts", "dropped", "time",
+}
+
+
+def _load(path: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+def _cfg(**kw: Any) -> MultimodalRLConfig:
+    base = dict(learning_rate=3e-4, max_steps=3, batch_size=8, micro_batch_size=8, rollouts_per_step=4,
+                max_tokens=4, temperature=1.0, seed=0)
+    base.update(kw)
+    return MultimodalRLConfig(**base)
+
+
+def _trainer(path: Path, cfg: MultimodalRLConfig, **kw: Any) -> MultimodalGRPOTrainer:
+    model, processor = _load(path)
+    adapter = adapter_for(model.config, processor=processor, max_length=1024)
+    return MultimodalGRPOTrainer(model, processor, adapter, cfg, env=make_env("colors", {}), log=lambda s: None,
+                                 **kw)
+
+
+class RecordingSync:
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+        self.names: list[str] = []
+
+    def sync(self, named_tensors: Any, version: int) -> None:
+        self.names = [n for n, _ in named_tensors]
+        self.versions.append(version)
+
+
+def _fixed_rollouts(trainer: MultimodalGRPOTrainer, step: int = 1) -> list[Rollout]:
+    cfg = trainer.config
+    env = trainer.env
+    assert env is not None
+    return trainer.rollout_source.collect(env, env.train_examples(step, cfg.prompts_per_step), cfg.rollouts_per_step,
+                                          temperature=1.0, top_p=1.0, max_tokens=4, step=step, seed=step)
+
+
+def _with_mixed_rewards(rollouts: list[Rollout]) -> list[Rollout]:
+    for i, r in enumerate(rollouts):  # make every group informative, whatever was sampled
+        r.reward = float(i % 2)
+    return rollouts
+
+
+def test_train_step_is_on_policy_and_changes_the_weights(tiny_model_dir: Path) -> None:
+    tr = _trainer(tiny_model_dir, _cfg())
+    rollouts = _with_mixed_rewards(_fixed_rollouts(tr))
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    m = tr.train_step(rollouts)
+    assert m["ir"] == pytest.approx(1.0, abs=1e-4) and m["mismatch_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["clip_frac"] == 0 and m["masked_frac"] == 0
+    assert m["grad_norm"] > 0 and m["num_rollouts"] == 8 and m["dropped"] == 0 and m["entropy"] > 0
+    changed = [n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("visual" in n for n in changed) and any("lm_head" in n for n in changed)
+    assert tr.step == 1
+
+
+def _step_capturing_grads(tr: MultimodalGRPOTrainer, rollouts: list[Rollout]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``tr.train_step(rollouts)`` and the gradients it clipped and applied."""
+    captured: dict[str, torch.Tensor] = {}
+    orig = torch.nn.utils.clip_grad_norm_
+
+    def capture(params: Any, max_norm: float) -> Any:
+        for n, p in tr.model.named_parameters():
+            if p.grad is not None:
+                captured[n] = p.grad.detach().clone()
+        return orig(params, max_norm)
+
+    torch.nn.utils.clip_grad_norm_ = capture  # type: ignore[assignment]
+    try:
+        return tr.train_step(rollouts), captured
+    finally:
+        torch.nn.utils.clip_grad_norm_ = orig  # type: ignore[assignment]
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_model_dir: Path) -> None:
+    grads = []
+    for mbs in (8, 3):
+        tr = _trainer(tiny_model_dir, _cfg(micro_batch_size=mbs))
+        m, captured = _step_capturing_grads(tr, _with_mixed_rewards(_fixed_rollouts(tr)))
+        grads.append((captured, m["loss"]))
+    (g8, loss8), (g3, loss3) = grads
+    assert loss8 == pytest.approx(loss3, abs=1e-6)
+    assert g8.keys() == g3.keys()
+    for n in g8:
+        assert torch.allclose(g8[n], g3[n], atol=1e-6), n
+
+
+class PlainAdapter(MultimodalAdapter):
+    """A user-written adapter (not a ProcessorAdapter): the trainer forwards every sequence."""
+
+    def __init__(self, inner: MultimodalAdapter) -> None:
+        self.inner = inner
+
+    def build_batch(self, rollouts: Sequence[Rollout]) -> MultimodalBatch:
+        return self.inner.build_batch(rollouts)
+
+
+def test_skipping_zero_advantage_sequences_gives_the_full_batch_update(tiny_model_dir: Path) -> None:
+    runs = []
+    for plain in (False, True):
+        tr = _trainer(tiny_model_dir, _cfg(micro_batch_size=3))
+        if plain:
+            tr.adapter = PlainAdapter(tr.adapter)
+        steps = []
+        for step in (1, 2):
+            rollouts = _fixed_rollouts(tr, step)
+            for r in rollouts:  # group 0 informative at step 1 only; every other group all-zero
+                r.reward = float(step == 1 and r.group == 0 and r.index % 2 == 0)
+            before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+            m, grads = _step_capturing_grads(tr, rollouts)
+            moved = sum(not torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
+            steps.append((m, grads, moved))
+        runs.append(steps)
+    skip, full = runs
+    assert skip[0][0]["trained_sequences"] == 4 and full[0][0]["trained_sequences"] == 8
+    assert skip[1][0]["trained_sequences"] == 0  # nothing forwarded at step 2 ...
+    assert skip[1][2] == full[1][2] > 0  # ... yet AdamW's momentum moves the same parameters
+    for (sm, sg, _), (fm, fg, _) in zip(skip, full):
+        assert sm["loss"] == pytest.approx(fm["loss"], abs=1e-6)
+        assert sm["loss_tokens"] == fm["loss_tokens"]
+        assert sg.keys() == fg.keys()
+        for n in sg:
+            assert torch.allclose(sg[n], fg[n], atol=1e-7), n
+
+
+def test_train_writes_metrics_rollouts_images_and_checkpoints(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sync = RecordingSync()
+    lines: list[str] = []
+    cfg = _cfg(max_steps=4, save_every=2, sync_to_vllm_every=2)
+    model, processor = _load(tiny_model_dir)
+    tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor), cfg,
+                               env=make_env("colors", {}), weight_sync=sync, run_dir=tmp_path, log=lines.append)
+    history = tr.train()
+    rd = RunDirectory(tmp_path)
+    metrics = list(read_jsonl(rd.metrics))
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] == [h["step"] for h in history]
+    for m in metrics:
+        assert METRIC_KEYS <= m.keys(), METRIC_KEYS - m.keys()
+    assert sync.versions == [2, 4]
+    assert "model.visual.patch_embed.proj.weight" in sync.names and "lm_head.weight" in sync.names
+    rollouts = list(read_jsonl(rd.rollouts))
+    assert len(rollouts) == 4 * 8
+    r0 = rollouts[0]
+    assert {"step", "prompt", "completion", "reward", "parts", "advantage", "images"} <= r0.keys()
+    assert "colour" in r0["prompt"] and r0["images"] and (tmp_path / r0["images"][0]).is_file()
+    assert r0["images"][0].startswith("rollouts/1/")
+    assert sorted(int(p.name) for p in rd.checkpoints_dir.iterdir()) == [2, 4]
+    assert rd.latest_checkpoint() == rd.checkpoint(4)
+    for f in ("COMPLETE", "optimizer.pt", "rng.pt", "trainer_state.json", "config.json"):
+        assert (rd.checkpoint(4) / f).exists(), f
+    progress = [ln for ln in lines if ln.startswith("step ")]
+    assert len(progress) == 4
+    import re
+
+    assert re.fullmatch(r"step 4/4 reward=\d\.\d\d loss=-?\d+\.\d{3} ir=(\d\.\d\d|-) ent=(\d+\.\d\d|-) kl=(\d\.\d{3}|-) "
+                        r"\d+\.\d\ds/it", progress[-1]), progress[-1]
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tr = _trainer(tiny_model_dir, _cfg(max_steps=2), run_dir=tmp_path)
+    tr.train()
+    ckpt = RunDirectory(tmp_path).latest_checkpoint()
+    assert ckpt is not None and read_trainer_state(ckpt)["step"] == 2
+    tr2 = _trainer(tiny_model_dir, _cfg(max_steps=2))
+    assert tr2.load_checkpoint(ckpt) == 2
+    for (n, a), (_, b) in zip(tr.model.named_parameters(), tr2.model.named_parameters()):
+        assert torch.equal(a, b), n
+    s1, s2 = tr.optimizer.state_dict()["state"], tr2.optimizer.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    assert tr2.scheduler.last_epoch == tr.scheduler.last_epoch
+    a = torch.rand(3)  # the RNG continues from the checkpoint's state
+    torch.manual_seed(1234)
+    tr2.load_checkpoint(ckpt)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_an_incomplete_checkpoint_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tr = _trainer(tiny_model_dir, _cfg())
+    (tmp_path / "5").mkdir()
+    with pytest.raises(FileNotFoundError):
+        tr.load_checkpoint(tmp_path / "5")
+
+
+class DroppingSource:
+    """Wraps a source and empties one completion per step."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def collect(self, env: Any, examples: Sequence[Any], n: int, **kw: Any) -> list[Rollout]:
+        rs = self.inner.collect(env, examples, n, **kw)
+        rs[0].completion_ids, rs[0].behavior_logprobs = [], []
+        return rs
+
+
+def test_bad_rollouts_are_dropped_and_counted(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model, processor = _load(tiny_model_dir)
+    src = DroppingSource(InProcessRolloutSource(model, processor))
+    tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor), _cfg(max_steps=1),
+                               env=make_env("colors", {}), rollout_source=src, log=lambda s: None)
+    with caplog.at_level("WARNING", logger="vlmrl.adapters"):
+        (m,) = tr.train()
+    assert m["dropped"] == 1 and m["num_rollouts"] == 8
+    assert "train-1-0" in caplog.text and "empty completion" in caplog.text
+
+
+def test_kl_to_the_reference_is_zero_before_the_first_update(tiny_model_dir: Path) -> None:
+    tr = _trainer(tiny_model_dir, _cfg(beta=0.05))
+    assert tr.ref_model is not None and tr.ref_model is not tr.model
+    m = tr.train_step(_with_mixed_rewards(_fixed_rollouts(tr)))
+    assert m["kl"] == pytest.approx(0.0, abs=1e-7)
+    m2 = tr.train_step(_with_mixed_rewards(_fixed_rollouts(tr, step=2)))
+    assert m2["kl"] > 0
+
+
+def test_warmup_ramps_the_learning_rate(tiny_model_dir: Path) -> None:
+    tr = _trainer(tiny_model_dir, _cfg(warmup_steps=4, learning_rate=1e-3))
+    lrs = [tr.train_step(_fixed_rollouts(tr, step=s))["lr"] for s in (1, 2, 3, 4, 5)]
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+# --- resume helpers ---------------------------------------------------------------------------
+
+
+def test_truncate_jsonl_after_keeps_earlier_steps_and_drops_partial_lines(tmp_path: Path) -> None:
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 7)) + '{"step": 7, "los')
+    assert truncate_jsonl_after(f, 4) == 3
+    assert [r["step"] for r in read_jsonl(f)] == [1, 2, 3, 4]
+    assert truncate_jsonl_after(f, 4) == 0
+
+
+def _vcfg(**args: Any) -> Any:
+    return validate_config({"model": "builtin:tiny-qwen3-vl", "env": {"id": "colors"},
+                            "trainer": {"args": {"max_steps": 10, **args}}})
+
+
+def test_resume_accepts_more_steps_but_not_another_learning_rate() -> None:
+    saved = {"identity": run_identity(_vcfg())}
+    check_resumable(saved, _vcfg(max_steps=50, save_every=5), Path("ckpt"))
+    with pytest.raises(ConfigError, match="trainer.args.learning_rate"):
+        check_resumable(saved, _vcfg(learning_rate=1e-3), Path("ckpt"))
+
+
+def test_eval_prints_held_out_greedy_accuracy(tiny_model_dir: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from backend.errors import ModelError
+    from backend.evaluate import eval_main
+
+    cfg = validate_config({"model": str(tiny_model_dir), "env": {"id": "colors"},
+                           "trainer": {"args": {"max_tokens": 4, "torch_threads": 1}}})
+    assert eval_main(cfg, checkpoint=None, n=8) == 0
+    out = capsys.readouterr().out
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["n"] == 8 and 0.0 <= last["accuracy"] <= 1.0
+    assert "accuracy" in out and "held-out" in out
+    with pytest.raises(ModelError, match="no config.json"):
+        eval_main(cfg, checkpoint=tmp_path, n=8)
+
+
+class ReplaySource:
+    """A remote-like source (it does not share the trainer's model): replays prepared rollouts."""
+
+    def __init__(self, by_step: dict[int, list[Rollout]], events: list[str]) -> None:
+        self.by_step = by_step
+        self.events = events
+
+    def collect(self, env: Any, examples: Sequence[Any], n: int, *, step: int, **kw: Any) -> list[Rollout]:
+        self.events.append(f"collect {step}")
+        return self.by_step[step]
+
+
+@pytest.mark.parametrize("async_level", [1, 0])
+def test_with_a_server_the_next_rollouts_are_requested_while_the_step_trains(
+    tiny_model_dir: Path, async_level: int
+) -> None:
+    tr = _trainer(tiny_model_dir, _cfg(max_steps=3, async_level=async_level))
+    by_step = {s: _with_mixed_rewards(_fixed_rollouts(tr, s)) for s in (1, 2, 3)}
+    events: list[str] = []
+    tr.rollout_source = ReplaySource(by_step, events)
+    inner = tr.train_step
+
+    def train_step(rollouts: list[Rollout]) -> dict[str, Any]:
+        time.sleep(0.2)  # long enough for the rollout thread to ask for the next step
+        out = inner(rollouts)
+        events.append(f"trained {rollouts[0].step}")
+        return out
+
+    tr.train_step = train_step  # type: ignore[method-assign]
+    tr.train()
+    if async_level:
+        assert events == ["collect 1", "collect 2", "trained 1", "collect 3", "trained 2", "trained 3"]
+    else:
+        assert events == ["collect 1", "trained 1", "collect 2", "trained 2", "collect 3", "trained 3"]
