@@ -1,0 +1,213 @@
+"""A small braille line chart: a title, y labels, x labels, several series.
+
+Each terminal cell holds 2x4 braille dots, so a 40x10 cell plot draws 80x40 points.
+Consecutive points are joined (Bresenham in dot space). Drawing is pure Python over the
+points on screen and costs well under a millisecond for a typical pane, which is why the
+metrics pane uses it instead of a general plotting library (a Plotext redraw plus its ANSI
+parsing cost ~25 ms a plot here, every time a step arrived).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual.widget import Widget
+
+# Bit of each dot in a braille cell, by (column, row).
+_DOT = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
+ROLES = ("band", "extra", "main")  # drawing order: later roles win a shared cell's colour
+
+
+@dataclass(frozen=True)
+class Series:
+    """Points of one line; ``role`` picks its colour (band lines are dimmed)."""
+
+    xs: Sequence[float]
+    ys: Sequence[float]
+    role: str = "main"
+    label: str | None = None
+
+
+def compact(v: float) -> str:
+    """A number in at most 7 characters."""
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 1e5 or a < 1e-3:
+        return f"{v:.1e}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def y_range(series: Sequence[Series]) -> tuple[float, float] | None:
+    ys = [y for s in series for y in s.ys if math.isfinite(y)]
+    if not ys:
+        return None
+    lo, hi = min(ys), max(ys)
+    if hi - lo < 1e-12:
+        pad = abs(hi) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
+class ChartRender:
+    """The chart as Rich segments for a given size (what :class:`LineChart` renders)."""
+
+    def __init__(self, title: Text, series: Sequence[Series], width: int, height: int,
+                 styles: dict[str, Style]) -> None:
+        self.title = title
+        self.series = series
+        self.width = max(1, width)
+        self.height = max(1, height)
+        self.styles = styles
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for line in self.lines(console):
+            yield from line
+            yield Segment.line()
+
+    def lines(self, console: Console) -> list[list[Segment]]:
+        w, h = self.width, self.height
+        axis = self.styles["axis"]
+        title = self.title.copy()
+        title.truncate(w)
+        pad = (w - title.cell_len) // 2
+        out: list[list[Segment]] = [
+            [Segment(" " * pad, axis), *title.render(console), Segment(" " * (w - pad - title.cell_len), axis)]
+        ]
+        rows = h - 2
+        yr = y_range(self.series)
+        xs_all = [x for s in self.series for x in s.xs]
+        if rows < 1 or yr is None or not xs_all:
+            empty = "waiting for data" if rows >= 1 else ""
+            for r in range(max(0, h - 1)):
+                text = empty.center(w)[:w] if r == rows // 2 else " " * w
+                out.append([Segment(text, axis)])
+            return out[:h]
+        lo, hi = yr
+        labels = {0: compact(hi), rows - 1: compact(lo)}
+        if rows >= 5:
+            labels[(rows - 1) // 2] = compact((lo + hi) / 2)
+        lw = max(len(s) for s in labels.values())
+        pw = max(1, w - lw - 1)  # plot width in cells
+        x0, x1 = min(xs_all), max(xs_all)
+        xspan = (x1 - x0) or 1.0
+        dots_w, dots_h = pw * 2, rows * 4
+        bits = [[0] * pw for _ in range(rows)]
+        owner = [[""] * pw for _ in range(rows)]
+
+        def to_dot(x: float, y: float) -> tuple[int, int]:
+            dx = round((x - x0) / xspan * (dots_w - 1))
+            dy = round((hi - y) / (hi - lo) * (dots_h - 1))
+            return min(max(dx, 0), dots_w - 1), min(max(dy, 0), dots_h - 1)
+
+        for role in ROLES:
+            for s in self.series:
+                if s.role != role:
+                    continue
+                prev: tuple[int, int] | None = None
+                for x, y in zip(s.xs, s.ys):
+                    if not (math.isfinite(x) and math.isfinite(y)):
+                        prev = None
+                        continue
+                    cur = to_dot(x, y)
+                    for px, py in _segment(prev or cur, cur):
+                        cx, cy = px // 2, py // 4
+                        bits[cy][cx] |= _DOT[px % 2][py % 4]
+                        owner[cy][cx] = role
+                    prev = cur
+        for r in range(rows):
+            label = labels.get(r, "")
+            line = [Segment(label.rjust(lw), axis), Segment("┤" if label else "│", axis)]
+            run_role, run_chars = "", []
+            for c in range(pw):
+                role = owner[r][c] if bits[r][c] else ""
+                ch = chr(0x2800 + bits[r][c]) if bits[r][c] else " "
+                if role != run_role and run_chars:
+                    line.append(Segment("".join(run_chars), self.styles.get(run_role, axis)))
+                    run_chars = []
+                run_role = role
+                run_chars.append(ch)
+            if run_chars:
+                line.append(Segment("".join(run_chars), self.styles.get(run_role, axis)))
+            out.append(line)
+        first, last = f"{x0:g}", f"{x1:g}"
+        mid = f"{(x0 + x1) / 2:.0f}" if pw >= len(first) + len(last) + 8 else ""
+        xl = [" "] * pw
+        for pos, text in ((0, first), (max(0, pw - len(last)), last), ((pw - len(mid)) // 2, mid)):
+            for i, ch in enumerate(text):
+                if 0 <= pos + i < pw:
+                    xl[pos + i] = ch
+        out.append([Segment(" " * lw + "└", axis), Segment("".join(xl), axis)])
+        return out[:h]
+
+
+def _segment(a: tuple[int, int], b: tuple[int, int]) -> list[tuple[int, int]]:
+    """Dots from a to b (Bresenham)."""
+    (x0, y0), (x1, y1) = a, b
+    dx, dy = abs(x1 - x0), -abs(y1 - y0)
+    sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
+    err = dx + dy
+    out = []
+    while True:
+        out.append((x0, y0))
+        if x0 == x1 and y0 == y1:
+            return out
+        e2 = 2 * err
+        if e2 >= dy:
+            err += dy
+            x0 += sx
+        if e2 <= dx:
+            err += dx
+            y0 += sy
+
+
+class LineChart(Widget):
+    """A widget showing :class:`Series` as a braille line chart; redrawn only on change."""
+
+    DEFAULT_CSS = """
+    LineChart {
+        height: 1fr; width: 1fr; min-height: 5;
+        .chart--main { color: $text-primary; }
+        .chart--extra { color: $text-warning; }
+        .chart--band { color: $text-muted; }
+        .chart--axis { color: $text-muted; }
+        .chart--title { color: $text; text-style: bold; }
+    }
+    """
+    COMPONENT_CLASSES = {"chart--main", "chart--extra", "chart--band", "chart--axis", "chart--title"}
+
+    def __init__(self, title: str = "", *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.title = title
+        self.series: list[Series] = []
+        self._styles: dict[str, Style] | None = None
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._styles = None  # theme or CSS changed
+
+    def set_series(self, series: list[Series]) -> None:
+        self.series = series
+        self.refresh()
+
+    def render(self) -> ChartRender:
+        styles = self._styles
+        if styles is None:
+            names = (*ROLES, "axis", "title")
+            styles = self._styles = {name: self.get_component_rich_style(f"chart--{name}") for name in names}
+        title = Text(self.title, style=styles["title"])
+        labels = [s for s in self.series if s.label]
+        for s in labels:
+            title.append("  ● ", style=styles[s.role])
+            title.append(s.label or "", style=styles["axis"])
+        return ChartRender(title, self.series, self.size.width, self.size.height, styles)

@@ -1,0 +1,330 @@
+"""Metrics pane: plots over steps, a table of the latest values, step progress and ETA.
+
+Records come from ``metrics.jsonl`` (one per optimizer step). Charts, table and progress
+are redrawn at most once per ``redraw_s`` and only while the pane is on screen: a run can
+log several steps a second, and nothing needs redrawing that often.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Grid, Horizontal, Vertical
+from textual.widgets import ProgressBar, Static
+
+from vlmrl_tui.panes.chart import LineChart, Series
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """One plot: a title and the series drawn in it."""
+
+    title: str
+    key: str
+    band: str | None = None  # std of ``key``: drawn as mean ± std
+    low: str | None = None  # lower / upper envelopes (min / max)
+    high: str | None = None
+    extra: tuple[str, ...] = ()  # more series on the same axes
+
+
+PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("reward ± std", "reward_mean", band="reward_std"),
+    PlotSpec("loss", "loss"),
+    PlotSpec("KL", "kl", extra=("mismatch_kl",)),
+    PlotSpec("ratio min/mean/max", "ir", low="ir_min", high="ir_max"),
+    PlotSpec("entropy", "entropy"),
+    PlotSpec("tokens/s", "tokens_per_s"),
+)
+
+TABLE_KEYS: tuple[tuple[str, str], ...] = (
+    ("reward_mean", "reward"),
+    ("reward_std", "reward std"),
+    ("loss", "loss"),
+    ("kl", "KL"),
+    ("mismatch_kl", "mismatch KL"),
+    ("ir", "ratio"),
+    ("ir_min", "ratio min"),
+    ("ir_max", "ratio max"),
+    ("entropy", "entropy"),
+    ("clip_frac", "clip frac"),
+    ("masked_frac", "masked frac"),
+    ("grad_norm", "grad norm"),
+    ("lr", "lr"),
+    ("tokens_per_s", "tokens/s"),
+    ("rollout_s", "rollout s"),
+    ("train_s", "train s"),
+    ("sync_s", "sync s"),
+    ("step_s", "step s"),
+)
+
+MAX_POINTS = 600  # series longer than this are bucketed (bucket means) before plotting
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def format_value(v: float | None) -> str:
+    """A metric value in at most ~8 characters."""
+    if v is None:
+        return "—"
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 1e5 or a < 1e-3:
+        return f"{v:.2e}"
+    if a >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1h 02m``, ``3m 05s`` or ``12s``."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "—"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+def downsample(xs: list[float], ys: list[float], n: int = MAX_POINTS) -> tuple[list[float], list[float]]:
+    """At most ``n`` points: means of equal buckets (the last point is kept as is)."""
+    if len(xs) <= n:
+        return xs, ys
+    size = math.ceil(len(xs) / n)
+    ox, oy = [], []
+    for i in range(0, len(xs) - 1, size):
+        bx, by = xs[i : i + size], ys[i : i + size]
+        ox.append(sum(bx) / len(bx))
+        oy.append(sum(by) / len(by))
+    ox.append(xs[-1])
+    oy.append(ys[-1])
+    return ox, oy
+
+
+class MetricsStore:
+    """Metric records by step (a resumed run that logs a step again replaces it)."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, dict[str, Any]] = {}
+
+    def add(self, records: Iterable[dict[str, Any]]) -> int:
+        n = 0
+        for rec in records:
+            step = _num(rec.get("step"))
+            if step is None:
+                continue
+            self.records[int(step)] = rec
+            n += 1
+        return n
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.records)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) where ``key`` has a finite value."""
+        xs: list[float] = []
+        ys: list[float] = []
+        for step in self.steps:
+            v = _num(self.records[step].get(key))
+            if v is not None:
+                xs.append(float(step))
+                ys.append(v)
+        return xs, ys
+
+    def latest(self) -> dict[str, Any]:
+        return self.records[max(self.records)] if self.records else {}
+
+    def step_seconds(self, window: int = 20) -> float | None:
+        """Recent seconds per step (from ``step_s``, else from ``time`` stamps)."""
+        steps = self.steps[-window:]
+        vals = [v for s in steps if (v := _num(self.records[s].get("step_s"))) is not None]
+        if vals:
+            return sum(vals) / len(vals)
+        times = [(s, t) for s in steps if (t := _num(self.records[s].get("time"))) is not None]
+        if len(times) >= 2 and times[-1][0] > times[0][0]:
+            return (times[-1][1] - times[0][1]) / (times[-1][0] - times[0][0])
+        return None
+
+
+def max_steps_of(run_dir: Path | None) -> int | None:
+    """``trainer.args.max_steps`` from the run's resolved config, if readable."""
+    if run_dir is None:
+        return None
+    try:
+        data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+        v = data["trainer"]["args"]["max_steps"]
+        return int(v)
+    except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError):
+        return None
+
+
+class MetricPlot(LineChart):
+    """One chart of a :class:`PlotSpec`, fed from a :class:`MetricsStore`."""
+
+    DEFAULT_CSS = "MetricPlot { height: 1fr; width: 1fr; min-height: 6; }"
+
+    def __init__(self, spec: PlotSpec, *, id: str | None = None) -> None:
+        super().__init__(spec.title, id=id)
+        self.spec = spec
+
+    def draw(self, store: MetricsStore) -> None:
+        spec = self.spec
+        series: list[Series] = []
+        xs, ys = store.series(spec.key)
+        if xs and spec.band:
+            std = dict(zip(*store.series(spec.band)))
+            pairs = [(x, y, std[x]) for x, y in zip(xs, ys) if x in std]
+            for sign in (1, -1):
+                bx, by = downsample([p[0] for p in pairs], [p[1] + sign * p[2] for p in pairs])
+                series.append(Series(bx, by, "band"))
+        for env in (spec.low, spec.high):
+            if env and xs:
+                series.append(Series(*downsample(*store.series(env)), "band"))
+        for extra in spec.extra:
+            ex, ey = store.series(extra)
+            if ex:
+                series.append(Series(*downsample(ex, ey), "extra", label=extra))
+        if xs:
+            series.append(Series(*downsample(xs, ys), "main", label=spec.key if spec.extra else None))
+        self.set_series(series)
+
+
+class MetricsPane(Vertical):
+    """Plots, latest values, progress and ETA of the run's optimizer steps."""
+
+    DEFAULT_CSS = """
+    MetricsPane { height: 1fr; }
+    MetricsPane #metrics-progress { height: 1; padding: 0 1; background: $panel; }
+    MetricsPane #metrics-progress ProgressBar { width: 40; }
+    MetricsPane #metrics-eta { width: 1fr; padding: 0 1; }
+    MetricsPane #metrics-body { height: 1fr; }
+    MetricsPane #metrics-plots { grid-size: 3 2; grid-gutter: 0 1; width: 1fr; }
+    MetricsPane #metrics-table { width: 25; height: 1fr; padding: 0 1; }
+    """
+
+    def __init__(self, run_dir: Path | None = None, redraw_s: float = 2.0, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.run_dir = run_dir
+        self.redraw_s = redraw_s
+        self.store = MetricsStore()
+        self.max_steps: int | None = max_steps_of(run_dir)
+        self.finished = False
+        self._dirty = False
+        self._timer_pending = False
+        self._eta = Static("waiting for the first step", id="metrics-eta")
+        self.table = Static(self.latest_table({}), id="metrics-table")
+        self.latest_values: dict[str, str] = {}  # what the table shows, by metric key
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="metrics-progress"):
+            self._bar = ProgressBar(total=self.max_steps, show_eta=False, id="metrics-bar")
+            yield self._bar
+            yield self._eta
+        with Horizontal(id="metrics-body"):
+            with Grid(id="metrics-plots"):
+                for i, spec in enumerate(PLOTS):
+                    yield MetricPlot(spec, id=f"plot-{i}")
+            yield self.table
+
+    def on_mount(self) -> None:
+        self.flush(force=True)
+
+    @staticmethod
+    def latest_table(values: dict[str, str]) -> Text:
+        """Metric names and their latest values, one per line (a DataTable costs far more to redraw)."""
+        text = Text(no_wrap=True)
+        text.append(f"{'metric':<13}{'latest':>10}\n", style="bold")
+        for key, label in TABLE_KEYS:
+            text.append(f"{label:<13}")
+            text.append(f"{values.get(key, '—'):>10}\n")
+        text.rstrip()
+        return text
+
+    def set_run_dir(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.max_steps = max_steps_of(run_dir)
+        self._dirty = True
+        self._schedule()
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        """Take new metric records; redraw soon (throttled, only when on screen)."""
+        if self.store.add(records):
+            self._dirty = True
+            self._schedule()
+
+    def set_finished(self, finished: bool) -> None:
+        if finished != self.finished:
+            self.finished = finished
+            self._dirty = True
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._timer_pending and self.is_mounted:
+            self._timer_pending = True
+            self.set_timer(self.redraw_s, self._timer_flush)
+
+    def _timer_flush(self) -> None:
+        self._timer_pending = False
+        self.flush()
+
+    def on_show(self) -> None:
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        """Redraw the table, progress and plots if something changed and they are visible."""
+        if not (self._dirty or force):
+            return
+        if not force and not self.is_on_screen:
+            return  # redrawn on show
+        self._dirty = False
+        latest = self.store.latest()
+        self.latest_values = {key: format_value(_num(latest.get(key))) for key, _ in TABLE_KEYS}
+        self.table.update(self.latest_table(self.latest_values), layout=False)
+        self._update_progress(latest)
+        for plot in self.query(MetricPlot):
+            plot.draw(self.store)
+
+    def progress_text(self) -> str:
+        """``step 37/200 · 0.52 s/step · ETA 1m 25s``."""
+        latest = self.store.latest()
+        if not latest:
+            return "waiting for the first step"
+        step = int(_num(latest.get("step")) or 0)
+        per = self.store.step_seconds()
+        parts = [f"step {step}" + (f"/{self.max_steps}" if self.max_steps else "")]
+        if per is not None:
+            parts.append(f"{per:.2f} s/step")
+        if self.finished:
+            parts.append("finished")
+        elif self.max_steps and per is not None:
+            parts.append(f"ETA {format_duration(max(0, self.max_steps - step) * per)}")
+        return " · ".join(parts)
+
+    def _update_progress(self, latest: dict[str, Any]) -> None:
+        bar = self._bar
+        if self.max_steps:
+            step = int(_num(latest.get("step")) or 0) if latest else 0
+            bar.update(total=self.max_steps, progress=min(step, self.max_steps))
+        self._eta.update(Text(self.progress_text()), layout=False)

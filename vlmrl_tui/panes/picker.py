@@ -1,0 +1,136 @@
+"""Run picker: the recent runs under the output directory, newest first; Enter attaches."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from backend.rundir import RunDirectory, last_lines, read_json
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One run directory as the picker lists it."""
+
+    path: Path
+    name: str
+    status: str
+    started_at: float | None
+    last_step: int | None
+    mtime: float
+
+
+def _last_step(rd: RunDirectory) -> int | None:
+    for line in reversed(last_lines(rd.metrics, 5)):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int):
+            return step
+    return None
+
+
+def list_runs(output_dir: Path, limit: int = 100) -> list[RunEntry]:
+    """Run directories (those with run.json or logs/) under ``output_dir``, newest first."""
+    if not output_dir.is_dir():
+        return []
+    entries: list[RunEntry] = []
+    for child in output_dir.iterdir():
+        rd = RunDirectory(child)
+        if not child.is_dir() or not (rd.run_json.exists() or rd.logs_dir.is_dir()):
+            continue
+        info = read_json(rd.run_json) or {}
+        stamps = [p.stat().st_mtime for p in (rd.run_json, rd.metrics, rd.logs_dir) if p.exists()]
+        started = info.get("started_at")
+        entries.append(
+            RunEntry(
+                path=child,
+                name=str(info.get("name") or child.name),
+                status=str(info.get("status") or "unknown"),
+                started_at=float(started) if isinstance(started, (int, float)) else None,
+                last_step=_last_step(rd),
+                mtime=max(stamps) if stamps else child.stat().st_mtime,
+            )
+        )
+    entries.sort(key=lambda e: e.mtime, reverse=True)
+    return entries[:limit]
+
+
+class RunPickerScreen(Screen[Path | None]):
+    """Lists runs; dismisses with the chosen run directory, or None to quit."""
+
+    BINDINGS = [
+        Binding("enter", "pick", "Attach", id="picker.attach"),
+        Binding("q,escape", "cancel", "Quit", id="picker.quit"),
+        Binding("f5", "reload", "Reload", id="picker.reload"),
+    ]
+    DEFAULT_CSS = """
+    RunPickerScreen #picker-title { padding: 1 2; }
+    RunPickerScreen DataTable { height: 1fr; margin: 0 2; }
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.entries: list[RunEntry] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        with Vertical():
+            yield Static("", id="picker-title")
+            yield DataTable(id="picker-table", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("run", "status", "started", "last step", "directory")
+        self.action_reload()
+        table.focus()
+
+    def action_reload(self) -> None:
+        self.entries = list_runs(self.output_dir)
+        table = self.query_one(DataTable)
+        table.clear()
+        title = self.query_one("#picker-title", Static)
+        if not self.entries:
+            title.update(Text.assemble(
+                (f"No runs under {self.output_dir.resolve()}.\n", "bold"),
+                "Start one with:  vlmrl-tui configs/colors-tiny.toml   (or pass --output-dir DIR)",
+            ))
+            return
+        title.update(Text.assemble(
+            (f"{len(self.entries)} run(s) under {self.output_dir.resolve()}", "bold"),
+            "  ·  Enter attaches (live or finished)",
+        ))
+        for e in self.entries:
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.started_at)) if e.started_at else "—"
+            status_style = {"failed": "red", "running": "green", "completed": "cyan"}.get(e.status, "")
+            table.add_row(
+                e.name, Text(e.status, style=status_style), started,
+                "—" if e.last_step is None else str(e.last_step), str(e.path), key=str(e.path),
+            )
+
+    def action_pick(self) -> None:
+        table = self.query_one(DataTable)
+        if not self.entries or table.cursor_row < 0:
+            return
+        self.dismiss(self.entries[table.cursor_row].path)
+
+    @on(DataTable.RowSelected)
+    def _selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.action_pick()
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
