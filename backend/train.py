@@ -149,7 +149,7 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
     from backend.rollout import RolloutClient, wait_for_health
     from backend.sampling import banned_token_ids
     from backend.trainer import MultimodalGRPOTrainer, read_trainer_state
-    from backend.weight_sync import WeightSyncClient
+    from backend.weight_sync import WeightSyncClient, flatten_parameters
     from environments import make_env
 
     _setup_logging()
@@ -197,6 +197,12 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
         host="127.0.0.1", port=sync_port, bucket_bytes=args.bucket_size_mb << 20,
         timeout_s=args.request_timeout_s,
     )
+    try:
+        # One flat buffer: buckets go on the wire straight from the parameters, with no
+        # packing copy (benchmarks/weight_sync.py: 1.1-1.3x a raw broadcast vs 1.5-1.8x).
+        flatten_parameters(model)
+    except ValueError as e:  # e.g. a model spread over several devices
+        print(f"trainer: parameters not flattened ({e}); weight sync packs buckets", flush=True)
     trainer = MultimodalGRPOTrainer(
         model, processor, adapter, args, env=env, rollout_source=client, weight_sync=sync, run_dir=rd.path,
         ref_model=ref_model, banned_ids=banned,
