@@ -813,6 +813,14 @@ class WeightSyncClient:
         assert self._buffers is not None
         t0 = time.monotonic()
         buckets = plan_buckets(list(named_tensors), self.bucket_bytes)
+        # Refuse what the wire format cannot carry before anything moves: gloo can block in
+        # a broadcast of such a tensor (complex64 on torch 2.14) until the group times out.
+        for items in buckets:
+            for name, t in items:
+                try:
+                    dtype_from_name(dtype_name(t.dtype))
+                except (ValueError, KeyError) as e:
+                    raise WeightSyncError(f"{name}: {e}") from None
         self._post(contract.ROUTE_START_WEIGHT_UPDATE)
         pool = self._buffers
         b_seconds = 0.0

@@ -176,15 +176,14 @@ def test_load_error_is_reported_and_a_full_sync_recovers(server: ServerProc, tra
     assert h.status_code == 200 and h.json()["weight_version"] == 4
 
 
-def test_a_rejected_bucket_fails_fast_and_the_client_rejoins(server: ServerProc,
-                                                              trainer_side: tuple[Any, Any]) -> None:
+def test_an_unsupported_dtype_is_refused_before_the_wire_and_sync_goes_on(server: ServerProc,
+                                                                          trainer_side: tuple[Any, Any]) -> None:
     model, _ = trainer_side
     with WeightSyncClient(server.url, TOKEN, timeout_s=60) as client:
         t0 = time.monotonic()
-        with pytest.raises(WeightSyncError, match="unsupported dtype name 'complex64'"):
+        with pytest.raises(WeightSyncError, match="x: unsupported dtype name 'complex64'"):
             client.sync([("x", torch.zeros(4, dtype=torch.complex64))], version=20)
-        assert time.monotonic() - t0 < 10, "the trainer must not wait for a broadcast the server refused"
-        assert client.pg is None
+        assert time.monotonic() - t0 < 10, "the trainer must not wait on a tensor the wire cannot carry"
         assert httpx.get(server.url + contract.ROUTE_HEALTH).json()["paused"] is False
         flat_model = copy.deepcopy(model)
         flatten_parameters(flat_model)  # and this time the buckets go out without packing
