@@ -314,3 +314,23 @@ def test_half_block_image_keeps_aspect_and_pixels() -> None:
     assert sum(len(s.text) for s in cells) == 100  # 20 columns x 5 rows
     assert cells[0].style.color.triplet == (255, 0, 0) and cells[0].style.bgcolor.triplet == (255, 0, 0)
     assert cells[-1].style.color.triplet == (0, 0, 255)
+
+
+def test_braille_chart_draws_a_line_with_labels() -> None:
+    from rich.console import Console
+    from rich.style import Style
+    from rich.text import Text
+
+    from vlmrl_tui.panes.chart import ChartRender, Series
+
+    styles = {name: Style() for name in ("band", "extra", "main", "axis", "title")}
+    chart = ChartRender(Text("reward"), [Series([1, 2, 3, 4], [0.0, 1.0, 2.0, 3.0])], 20, 6, styles)
+    rows = ["".join(seg.text for seg in line) for line in chart.lines(Console(width=20))]
+    assert len(rows) == 6 and rows[0].strip() == "reward"
+    assert rows[1].startswith("3┤") and rows[4].startswith("0┤")  # max on top, min at the bottom
+    plot = [r[2:] for r in rows[1:5]]
+    assert plot[3][0] != " " and plot[0][-1] != " "  # the line starts bottom-left, ends top-right
+    assert all(ch == " " or 0x2800 <= ord(ch) <= 0x28FF for r in plot for ch in r)
+    assert rows[5].startswith(" └1") and rows[5].rstrip().endswith("4")
+    empty = ChartRender(Text("loss"), [], 20, 6, styles)
+    assert any("waiting for data" in "".join(s.text for s in line) for line in empty.lines(Console(width=20)))

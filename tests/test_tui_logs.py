@@ -176,3 +176,20 @@ async def test_plain_lines_take_the_theme_background() -> None:
             bg = view.rich_style.bgcolor
             for y in (0, 1):
                 assert all(seg.style is not None and seg.style.bgcolor == bg for seg in view.render_line(y))
+
+
+@pytest.mark.asyncio
+async def test_a_hidden_tab_catches_up_when_shown() -> None:
+    app = LogsApp(scrollback=200)
+    async with app.run_test(size=(80, 20)) as pilot:
+        await pilot.pause()
+        trainer = app.view("trainer")
+        assert not trainer.is_on_screen
+        for start in range(0, 1000, 100):  # more than the scrollback, in several batches
+            app.pane.ingest({"trainer": LogChunk([f"t {i}" for i in range(start, start + 100)])})
+            await pilot.pause()
+        assert trainer.line_count == 200 and trainer.first_line == 800
+        app.pane.show_proc("trainer")
+        await pilot.pause()
+        assert trainer.is_on_screen and visible_lines(trainer)[-1] == "t 999"
+        assert trainer.max_scroll_y == trainer.virtual_size.height - trainer.scrollable_content_region.height

@@ -78,7 +78,9 @@ async def test_watch_a_real_tiny_run_live(real_launch: tuple[LaunchedRun, Path])
         await wait_for(pilot, lambda: "supervisor" in app.logs.views and app.logs.views["supervisor"].line_count > 0,
                        timeout=60, what="supervisor log tab")
         await wait_for(pilot, lambda: app.logs.views["server"].line_count > 0, timeout=120, what="server log")
-        # Rollouts with their image and reward, as soon as the first step is written.
+        # Rollouts with their image and reward, as soon as the first step is written (the
+        # pane draws only while it is on screen).
+        await pilot.press("3")
         await wait_for(pilot, lambda: app.rollouts.selected is not None, timeout=300, what="first rollout")
         assert app.rollouts.shown_images and app.rollouts.shown_images[0].image.size == (64, 64)
         await wait_for(pilot, lambda: app.metrics.store.records, timeout=60, what="first metrics")

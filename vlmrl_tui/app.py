@@ -130,7 +130,7 @@ class VlmrlApp(App[str | None]):
         self.gpus.border_title = "GPUs"
         self.logs = LogsPane(scrollback=self.scrollback, id="logs")
         self.metrics = MetricsPane(self.run_dir, redraw_s=self.redraw_s, id="metrics")
-        self.rollouts = RolloutsPane(self.run_dir, redraw_s=min(1.0, self.redraw_s), id="rollouts")
+        self.rollouts = RolloutsPane(self.run_dir, redraw_s=self.redraw_s, id="rollouts")
         yield Header(show_clock=False, icon="◆")
         self._top = Horizontal(id="top")
         with self._top:

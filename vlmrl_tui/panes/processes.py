@@ -13,23 +13,17 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping
 
-from rich.segment import Segment
-from rich.style import Style
 from rich.text import Text
-from textual import events
-from textual.binding import Binding
+from textual import on
 from textual.app import ComposeResult
-from textual.cache import LRUCache
 from textual.containers import Vertical
-from textual.geometry import Region
-from textual.strip import Strip
-from textual.widget import Widget
 from textual.widgets import Static
 
 from vlmrl_tui.panes.feed import proc_sort_key
 from vlmrl_tui.panes.messages import ProcessSelected, ProcSample
+from vlmrl_tui.panes.table import RowTable
 
 # States a process can be in (run.json) and how they look.
 STATE_STYLES: dict[str, str] = {
@@ -275,125 +269,13 @@ class ProcessSampler:
         return out
 
 
-Cell = Union[str, Text]
-
-
-class ProcessTable(Widget, can_focus=True):
-    """Fixed-width rows with a cursor: a header and one line per process.
-
-    A handful of rows changing every second: one Text per row is far cheaper to redraw
-    than a DataTable (which renders every cell through the console), and the fixed column
-    widths mean a growing value never re-lays out the screen.
-    """
-
-    BINDINGS = [
-        Binding("up", "cursor(-1)", "Up", show=False, id="processes.up"),
-        Binding("down", "cursor(1)", "Down", show=False, id="processes.down"),
-    ]
-    DEFAULT_CSS = """
-    ProcessTable {
-        height: auto;
-        .proctable--header { text-style: bold; color: $text; background: $panel; }
-        .proctable--cursor { background: $panel-lighten-1; }
-        &:focus .proctable--cursor { background: $accent 40%; }
-    }
-    """
-    COMPONENT_CLASSES = {"proctable--header", "proctable--cursor"}
-
-    def __init__(self, columns: Sequence[str], widths: Sequence[int], *, id: str | None = None) -> None:
-        super().__init__(id=id)
-        self.columns = tuple(columns)
-        self.widths = tuple(widths)
-        self._rows: dict[str, list[Cell]] = {}
-        self.cursor_row = 0
-        self._strips: LRUCache[tuple[Any, ...], Strip] = LRUCache(64)
-
-    @property
-    def rows(self) -> list[str]:
-        return list(self._rows)
-
-    @property
-    def row_count(self) -> int:
-        return len(self._rows)
-
-    def add_row(self, *cells: Cell, key: str) -> None:
-        self._rows[key] = list(cells)
-        self.refresh(layout=True)  # one line taller
-
-    def get_cell(self, key: str, column: str) -> Cell:
-        return self._rows[key][self.columns.index(column)]
-
-    def update_cell(self, key: str, column: str, value: Cell) -> None:
-        self._rows[key][self.columns.index(column)] = value
-        self._refresh_row(self.rows.index(key))
-
-    def get_row_index(self, key: str) -> int:
-        return self.rows.index(key)
-
-    def _refresh_row(self, row: int) -> None:
-        self.refresh(Region(0, row + 1, self.size.width, 1))
-
-    def move_cursor(self, row: int) -> None:
-        if not self._rows:
-            return
-        row = min(max(row, 0), len(self._rows) - 1)
-        if row != self.cursor_row:
-            old, self.cursor_row = self.cursor_row, row
-            self._refresh_row(old)
-            self._refresh_row(row)
-            self.post_message(ProcessSelected(self.rows[row]))
-
-    def action_cursor(self, delta: int) -> None:
-        self.move_cursor(self.cursor_row + delta)
-
-    def on_click(self, event: events.Click) -> None:
-        if event.y >= 1:
-            self.move_cursor(event.y - 1)
-
-    def notify_style_update(self) -> None:
-        super().notify_style_update()
-        self._strips.clear()  # theme, focus: other colours
-
-    def _line(self, cells: Sequence[Cell], style: Style) -> Strip:
-        line = Text(no_wrap=True, overflow="ellipsis", end="")
-        for cell, width in zip(cells, self.widths):
-            text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
-            text.truncate(width, overflow="ellipsis", pad=True)
-            line.append_text(text)
-            line.append(" ")
-        base = self.rich_style + style
-        return Strip(list(Segment.apply_style(line.render(self.app.console), style=base)), line.cell_len)
-
-    def get_content_height(self, container: Any, viewport: Any, width: int) -> int:
-        return 1 + len(self._rows)
-
-    def render_line(self, y: int) -> Strip:
-        """Line API: only rows that changed are rendered again (cached by their cells)."""
-        width = self.size.width
-        if y == 0:
-            cells: Sequence[Cell] = self.columns
-            component = "proctable--header"
-        elif 0 < y <= len(self._rows):
-            cells = list(self._rows.values())[y - 1]
-            component = "proctable--cursor" if y - 1 == self.cursor_row else ""
-        else:
-            return Strip.blank(width, self.rich_style)
-        key = (tuple(c.markup if isinstance(c, Text) else c for c in cells),
-               tuple(str(c.style) for c in cells if isinstance(c, Text)), component, width)
-        strip = self._strips.get(key)
-        if strip is None:
-            style = self.get_component_rich_style(component) if component else Style()
-            strip = self._strips[key] = self._line(cells, style).crop_extend(0, width, self.rich_style)
-        return strip
-
-
 class ProcessesPane(Vertical):
     """A header line for the run and one table row per supervised process."""
 
     DEFAULT_CSS = """
     ProcessesPane { height: auto; }
     ProcessesPane #run-header { height: 1; padding: 0 1; }
-    ProcessesPane ProcessTable { padding: 0 1; }
+    ProcessesPane #proc-table { height: auto; padding: 0 1; overflow-y: hidden; }
     """
 
     # Fixed widths: a cell whose text grows never re-lays out the screen.
@@ -407,7 +289,7 @@ class ProcessesPane(Vertical):
         self.samples: dict[str, ProcSample] = {}
         self._header: Text | None = None
         self._header_line = Static("waiting for run.json…", id="run-header")
-        self.table = ProcessTable(self.COLUMNS, self.WIDTHS, id="proc-table")
+        self.table = RowTable(self.COLUMNS, self.WIDTHS, id="proc-table")
 
     def compose(self) -> ComposeResult:
         yield self._header_line
@@ -486,3 +368,8 @@ class ProcessesPane(Vertical):
                         table.update_cell(p.name, col, value)
         if first_fill and "server" in table.rows:
             self.select("server")  # not the one-shot prepare step: r/K act on the cursor row
+
+    @on(RowTable.Highlighted, "#proc-table")
+    def _highlighted(self, event: RowTable.Highlighted) -> None:
+        event.stop()
+        self.post_message(ProcessSelected(event.key))

@@ -8,6 +8,7 @@ colours for the others, and SVG snapshots capture them, unlike sixel/kitty proto
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.cache import LRUCache
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import DataTable, Static
+from textual.widgets import Static
 
 from vlmrl_tui.panes.feed import display_path
+from vlmrl_tui.panes.table import RowTable
 
 SORT_MODES = ("index", "best", "worst")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
 
 
 class HalfBlockImage:
@@ -247,8 +250,9 @@ class RolloutsPane(Horizontal):
         self._images: LRUCache[Path, Image.Image | None] = LRUCache(64)
         self._shown_rows: list[RolloutRecord] = []
         self.shown_images: list[HalfBlockImage] = []  # what the detail view draws now
+        self._detail_shape: tuple[int, int] | None = None
         self._header = Static("no rollouts yet", id="rollout-header")
-        self.table: DataTable[Any] = DataTable(id="rollout-table", cursor_type="row", zebra_stripes=True)
+        self.table = RowTable(("#", "grp", "reward", "adv", "completion"), (3, 3, 6, 7, 40), id="rollout-table")
         self._image = Static("", id="rollout-image")
         self._text = Static("Rollouts appear here once the trainer logs its first step.", id="rollout-text")
 
@@ -259,10 +263,6 @@ class RolloutsPane(Horizontal):
         with VerticalScroll(id="rollout-detail"):
             yield self._image
             yield self._text
-
-    def on_mount(self) -> None:
-        table = self.table
-        table.add_columns("#", "grp", "reward", "adv", "completion")
 
     # ---- data -------------------------------------------------------------------------
     def add(self, records: list[dict[str, Any]]) -> None:
@@ -312,19 +312,16 @@ class RolloutsPane(Horizontal):
         rows = self.store.rows(step, self.sort)
         self._shown_rows = rows
         table = self.table
-        table.clear()
-        for r in rows:
-            completion = r.completion.replace("\n", " ⏎ ")
-            table.add_row(
-                str(r.index), str(r.group), _signed(r.reward, ".2f"), _signed(r.advantage),
-                completion[:40] + ("…" if len(completion) > 40 else ""),
-                key=str(r.index),
-            )
+        table.set_rows([
+            (str(r.index), (str(r.index), str(r.group), _signed(r.reward, ".2f"), _signed(r.advantage),
+                            _CONTROL_RE.sub("�", r.completion.replace("\n", " ⏎ "))))
+            for r in rows
+        ])
         row = 0
         if keep is not None:
             row = next((i for i, r in enumerate(rows) if r.index == keep), 0)
         if rows:
-            table.move_cursor(row=row, animate=False)
+            table.move_cursor(row)
             self._select(rows[row])
         self._update_header()
 
@@ -340,11 +337,11 @@ class RolloutsPane(Horizontal):
             f"step {self.step} · {pos}/{len(steps)}{latest} · mean {mean:.2f} · {self.sort}", layout=False
         )
 
-    @on(DataTable.RowHighlighted, "#rollout-table")
-    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    @on(RowTable.Highlighted, "#rollout-table")
+    def _row_highlighted(self, event: RowTable.Highlighted) -> None:
         event.stop()
-        if 0 <= event.cursor_row < len(self._shown_rows):
-            self._select(self._shown_rows[event.cursor_row])
+        if 0 <= event.row < len(self._shown_rows) and self._shown_rows[event.row] is not self.selected:
+            self._select(self._shown_rows[event.row])
 
     # ---- detail -----------------------------------------------------------------------
     def image_path(self, rel: str) -> Path:
@@ -382,8 +379,19 @@ class RolloutsPane(Horizontal):
         if not r.images:
             images.append(Text("(no image in this rollout)", style="dim"))
         self.shown_images = [x for x in images if isinstance(x, HalfBlockImage)]
-        self._image.update(Group(*images))
-        self._text.update(self.detail(r))
+        detail = self.detail(r)
+        # A layout re-arranges the whole screen: ask for one only when the heights change
+        # (the next rollout of a step usually has the same image size and line count).
+        width = self._text.size.width
+        shape = None
+        if width > 0:
+            console = self.app.console
+            lines = console.render_lines(Group(*images, detail), console.options.update_width(width), pad=False)
+            shape = (width, len(lines))
+        relayout = shape is None or shape != self._detail_shape
+        self._detail_shape = shape
+        self._image.update(Group(*images), layout=relayout)
+        self._text.update(detail, layout=relayout)
 
     def detail(self, r: RolloutRecord) -> Table:
         """The text beside the image: ids, reward and parts, advantage, prompt, completion, paths."""
@@ -424,7 +432,7 @@ class RolloutsPane(Horizontal):
     def action_cycle_sort(self) -> None:
         self.sort = SORT_MODES[(SORT_MODES.index(self.sort) + 1) % len(SORT_MODES)]
         if self.step is not None:
-            self.table.move_cursor(row=0, animate=False)
+            self.table.move_cursor(0)
             self.selected = None
             self.show_step(self.step)
 
