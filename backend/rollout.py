@@ -18,6 +18,7 @@ import base64
 import io
 import logging
 import random
+import threading
 import time
 import zlib
 from typing import Any, Sequence
@@ -163,6 +164,61 @@ class RolloutClient:
         self.backoff_s = float(backoff_s)
         self.model = model
         self.last_weight_version: int | None = None
+        # collect() runs on one long-lived event loop with one keep-alive HTTP client:
+        # building an httpx.AsyncClient costs ~28 ms (SSL context) and new connections,
+        # paid on every step otherwise.
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    def _new_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=self.max_concurrent, max_keepalive_connections=self.max_concurrent)
+        timeout = httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
+        return httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits)
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=loop.run_forever, name="rollout-client", daemon=True)
+                self._thread.start()
+                self._loop = loop
+            return self._loop
+
+    async def _shared_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
+
+    def close(self) -> None:
+        """Close the keep-alive connections and stop the client's loop (safe to call twice)."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+            thread, self._thread = self._thread, None
+        if loop is None:
+            return
+
+        async def shutdown() -> None:
+            client, self._client = self._client, None
+            if client is not None:
+                await client.aclose()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=5)
+        except Exception as e:  # noqa: BLE001 - closing must not mask the caller's error
+            log.debug("closing rollout client: %s", e)
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=5)
+        if not loop.is_running():
+            loop.close()
+
+    def __enter__(self) -> "RolloutClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ HTTP
 
@@ -226,8 +282,10 @@ class RolloutClient:
         if not isinstance(choices, list) or len(choices) != n:
             got = len(choices) if isinstance(choices, list) else 0
             raise RolloutError(f"example {example.id!r}: asked for {n} completions, server answered {got}")
-        if isinstance(data.get("weight_version"), int):
-            self.last_weight_version = data["weight_version"]
+        version = data.get("weight_version")
+        version = version if isinstance(version, int) and not isinstance(version, bool) else None
+        if version is not None:
+            self.last_weight_version = version
         out: list[Rollout] = []
         for j, choice in enumerate(sorted(choices, key=lambda c: c.get("index", 0))):
             try:
@@ -239,34 +297,52 @@ class RolloutClient:
                 example_id=example.id, group=group, messages=local, images=images, completion=text,
                 completion_ids=ids, behavior_logprobs=lps, finish_reason=finish, reward=float(score.reward),
                 reward_parts=dict(score.parts), answer=example.answer, step=step, index=group * n + j,
+                weight_version=version,
             ))
         return out
 
     async def acollect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
                        top_p: float = 1.0, max_tokens: int = 64, step: int = 0, seed: int | None = None) -> list[Rollout]:
-        """``n`` scored rollouts per example, grouped by example, in example order."""
+        """``n`` scored rollouts per example, grouped by example, in example order.
+
+        For callers with their own event loop: uses an HTTP client of its own for the call.
+        """
+        async with self._new_client() as client:
+            return await self._gather(client, env, examples, n, temperature=temperature, top_p=top_p,
+                                      max_tokens=max_tokens, step=step, seed=seed)
+
+    async def _gather(self, client: httpx.AsyncClient, env: Environment, examples: Sequence[Example], n: int, *,
+                      temperature: float, top_p: float, max_tokens: int, step: int,
+                      seed: int | None) -> list[Rollout]:
         params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
-        limits = httpx.Limits(max_connections=self.max_concurrent, max_keepalive_connections=self.max_concurrent)
-        timeout = httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
         sem = asyncio.Semaphore(self.max_concurrent)
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits) as client:
-            await self._model_name(client)
-            tasks = [asyncio.create_task(self._one(client, sem, env, ex, g, n, params, step, seed))
-                     for g, ex in enumerate(examples)]
-            try:
-                groups = await asyncio.gather(*tasks)
-            except BaseException:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+        await self._model_name(client)
+        tasks = [asyncio.create_task(self._one(client, sem, env, ex, g, n, params, step, seed))
+                 for g, ex in enumerate(examples)]
+        try:
+            groups = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return [r for grp in groups for r in grp]
 
     def collect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
                 top_p: float = 1.0, max_tokens: int = 64, step: int = 0, seed: int | None = None) -> list[Rollout]:
-        """Synchronous :meth:`acollect` (not from inside a running event loop)."""
-        return asyncio.run(self.acollect(env, examples, n, temperature=temperature, top_p=top_p,
-                                         max_tokens=max_tokens, step=step, seed=seed))
+        """Blocking :meth:`acollect` on the client's own loop and keep-alive connections
+        (callable from any thread, not from inside the client's loop)."""
+
+        async def run() -> list[Rollout]:
+            return await self._gather(await self._shared_client(), env, examples, n, temperature=temperature,
+                                      top_p=top_p, max_tokens=max_tokens, step=step, seed=seed)
+
+        fut = asyncio.run_coroutine_threadsafe(run(), self._background_loop())
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # e.g. Ctrl-C in the caller: stop the requests still in flight
+            raise
 
 
 def wait_for_health(base_url: str, timeout_s: float, *, proc: Any = None, interval_s: float = 0.25) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class Rollout:
     answer: Any = None
     step: int = 0
     index: int = 0  # index within the step
+    weight_version: int | None = None  # the server's weights that sampled it (0: its start weights)
 
     def __post_init__(self) -> None:
         if len(self.completion_ids) != len(self.behavior_logprobs):

@@ -35,6 +35,7 @@ import torch
 
 from backend.adapters.base import DroppedRollout, MultimodalAdapter, MultimodalBatch, ProcessorAdapter, iter_chunks
 from backend.config import MultimodalRLConfig
+from backend.errors import VlmrlError
 from backend.loss import LossStats, entropy_from_logprobs, group_advantages, grpo_loss
 from backend.rollout_types import Rollout
 from backend.rundir import JsonlWriter, RunDirectory, write_json_atomic
@@ -55,7 +56,11 @@ class RolloutSource(Protocol):
 
 
 class WeightSink(Protocol):
-    """Where weights go after an update: ``backend.weight_sync.WeightSyncClient``."""
+    """Where weights go after an update: ``backend.weight_sync.WeightSyncClient``.
+
+    A sink that also has ``reconnect(timeout_s)`` lets the trainer carry on when the
+    server restarts (it then holds its start weights): re-join, push the current weights.
+    """
 
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> Any: ...
 
@@ -187,6 +192,10 @@ class MultimodalGRPOTrainer:
         self.extra_state: dict[str, Any] = {}  # saved in every checkpoint's trainer_state.json
         self._metrics: JsonlWriter | None = None
         self._rollouts: JsonlWriter | None = None
+        # The weights version the server holds, as far as the trainer knows; a rollout
+        # sampled with an older one means the server restarted and lost our weights.
+        self.server_version = 0
+        self.rejoins = 0
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -296,9 +305,49 @@ class MultimodalGRPOTrainer:
         if self.weight_sync is None:
             return 0.0
         t0 = time.perf_counter()
-        with torch.no_grad():
-            self.weight_sync.sync(self.named_weights(), version=self.step)
+        try:
+            with torch.no_grad():
+                self.weight_sync.sync(self.named_weights(), version=self.step)
+            self.server_version = self.step
+        except VlmrlError as e:
+            if not self._can_rejoin():
+                raise
+            self._rejoin(f"weight sync failed ({e})")
         return time.perf_counter() - t0
+
+    def _can_rejoin(self) -> bool:
+        return callable(getattr(self.weight_sync, "reconnect", None))
+
+    def _rejoin(self, why: str) -> None:
+        """The server restarted or the sync group broke: wait for the server, join it
+        again and push the current weights (raises if that fails too)."""
+        self.log(f"trainer: {why}; re-joining the server and pushing the weights of step {self.step}")
+        t0 = time.perf_counter()
+        self.weight_sync.reconnect(self.config.request_timeout_s)  # type: ignore[union-attr]
+        with torch.no_grad():
+            self.weight_sync.sync(self.named_weights(), version=self.step)  # type: ignore[union-attr]
+        self.server_version = self.step
+        self.rejoins += 1
+        self.log(f"trainer: server holds the weights of step {self.step} again ({time.perf_counter() - t0:.1f}s)")
+
+    def _rollouts_of(self, step: int, pending: cf.Future[list[Rollout]], floor: int, rejoins: int) -> list[Rollout]:
+        """The rollouts ``pending`` brings, or fresh ones if the server lost our weights
+        while sampling them (a restart: it answers with a version below ``floor``).
+        ``rejoins``: :attr:`rejoins` when ``pending`` was sent."""
+        try:
+            rollouts = pending.result()
+        except VlmrlError as e:
+            if not self._can_rejoin():
+                raise
+            if self.rejoins == rejoins:  # else the server was joined again since: just ask again
+                self._rejoin(f"rollouts of step {step} failed ({e})")
+            return self._collect(step)
+        lost = [r.weight_version for r in rollouts if r.weight_version is not None and r.weight_version < floor]
+        if lost and self._can_rejoin():
+            self._rejoin(f"rollouts of step {step} came from weights version {min(lost)} but the server "
+                         f"was given version {floor}: it restarted")
+            return self._collect(step)
+        return rollouts
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The weights the server needs, by their Hugging Face names."""
@@ -322,16 +371,17 @@ class MultimodalGRPOTrainer:
         # source sampling with the trainer's own model stays synchronous.
         ahead = cfg.async_level > 0 and not getattr(self.rollout_source, "shares_model", False)
         pending: cf.Future[list[Rollout]] | None = None
+        floor, rejoins = self.server_version, self.rejoins  # when `pending` was sent
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 step = self.step + 1
                 if pending is None:
-                    pending = _in_thread(self._collect, step)
-                rollouts = pending.result()
+                    pending, floor, rejoins = _in_thread(self._collect, step), self.server_version, self.rejoins
+                rollouts = self._rollouts_of(step, pending, floor, rejoins)
                 pending = None
                 if ahead and step < cfg.max_steps:
-                    pending = _in_thread(self._collect, step + 1)
+                    pending, floor, rejoins = _in_thread(self._collect, step + 1), self.server_version, self.rejoins
                 t1 = time.perf_counter()
                 metrics = self.train_step(rollouts)
                 t2 = time.perf_counter()
@@ -432,6 +482,7 @@ class MultimodalGRPOTrainer:
                     "advantage": r.advantage,
                     "answer": r.answer if isinstance(r.answer, (str, int, float, bool, type(None))) else str(r.answer),
                     "finish_reason": r.finish_reason,
+                    "weight_version": r.weight_version,
                     "images": saved[key],
                 }
             )

@@ -806,6 +806,21 @@ class WeightSyncClient:
         log.info("weight sync ready: %s group on %s:%d, world %d", self.backend, self.host, self.port, self.world_size)
         return self
 
+    def reconnect(self, timeout_s: float | None = None) -> "WeightSyncClient":
+        """Join the server again after it restarted or the group broke: drop the old group,
+        retry :meth:`init` until the server answers (at most ``timeout_s``)."""
+        if self.pg is not None:
+            self._break()
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            try:
+                return self.init()
+            except WeightSyncError as e:
+                if time.monotonic() >= deadline:
+                    raise WeightSyncError(f"re-joining the server: {e}") from e
+                log.info("weight sync: server not ready to re-join (%s); retrying", e)
+                time.sleep(1.0)
+
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
         """Push ``named_tensors`` as weight version ``version``; raise on any failure."""
         if self.pg is None or self._buffers is None:

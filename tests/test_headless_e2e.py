@@ -4,8 +4,11 @@ trainer (tiny Qwen3-VL on CPU, real weight sync), leaving a complete run directo
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -78,3 +81,45 @@ def test_vlmrl_run_colors_tiny_completes_and_leaves_a_full_run_directory(tmp_pat
     a = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "attach", str(run_dir)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert a.returncode == 0 and "step 3/3" in a.stdout and "completed: 3/3 steps" in a.stdout
+
+
+@pytest.mark.timeout(900)
+def test_server_killed_mid_run_is_restarted_and_gets_the_trainers_weights_back(tmp_path: Path,
+                                                                              tiny_cache_dir: Path) -> None:
+    """kill -9 the server mid-run: the supervisor restarts it (start weights), the trainer
+    re-joins, pushes its current weights and never trains on rollouts of the start weights."""
+    port = free_port()
+    steps = 30
+    run_dir = tmp_path / "runs" / "restart"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmrl_tui.cli", "run", "configs/colors-tiny.toml", f"trainer.args.max_steps={steps}",
+         f"inference.port={port}", "inference.restart_backoff_s=0", "--output-dir", str(tmp_path / "runs"),
+         "--name", "restart"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before step 5"
+            time.sleep(0.2)
+        killed_at = len(metrics.read_text().splitlines())
+        server_pid = json.loads((run_dir / "run.json").read_text())["processes"]["server"]["pid"]
+        os.kill(server_pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=700)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-4000:]
+    assert killed_at < steps, "the run finished before the server was killed"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["processes"]["server"]["restarts"] == 1
+    trainer_log = (run_dir / "logs" / "trainer.log").read_text()
+    assert "re-joining the server" in trainer_log and "server holds the weights of step" in trainer_log
+    assert f"weights updated to version {steps}" in (run_dir / "logs" / "server.log").read_text()
+    assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == list(range(1, steps + 1))
+    # one step off-policy at most: no rollout came from the restarted server's start weights
+    for ln in (run_dir / "rollouts.jsonl").read_text().splitlines():
+        r = json.loads(ln)
+        assert r["weight_version"] >= r["step"] - 2, r

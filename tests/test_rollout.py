@@ -206,6 +206,34 @@ def test_concurrency_is_bounded(scripted: tuple[str, type[_Scripted]]) -> None:
     assert len(rollouts) == 10 and active["max"] == 3
 
 
+def test_collects_share_one_keepalive_connection_and_close_ends_the_loop(
+        scripted: tuple[str, type[_Scripted]]) -> None:
+    url, handler = scripted
+    handler.protocol_version = "HTTP/1.1"  # keep-alive
+    ports: list[int] = []
+    orig = handler.do_POST
+
+    def post(self: _Scripted) -> None:
+        ports.append(self.client_address[1])
+        orig(self)
+
+    handler.do_POST = post  # type: ignore[method-assign]
+    client = RolloutClient(url, banned_ids=[], max_concurrent=1)
+    for step in range(3):
+        rollouts = client.collect(_OneColor(), _OneColor().train_examples(step, 1), n=1, step=step)
+    assert len(ports) == 3 and len(set(ports)) == 1, "three collects, one connection"
+    assert rollouts[0].weight_version == 5
+    thread = client._thread
+    assert thread is not None and thread.is_alive()
+    client.close()
+    assert not thread.is_alive()
+    # a caller with its own event loop still gets rollouts (on a client of its own)
+    import asyncio
+
+    assert len(asyncio.run(client.acollect(_OneColor(), _OneColor().train_examples(9, 2), n=1))) == 2
+    client.close()
+
+
 def test_no_server_fails_after_retries_and_health_wait_times_out() -> None:
     port = free_port()
     client = RolloutClient(f"http://127.0.0.1:{port}", banned_ids=[], retries=1, backoff_s=0.01)
