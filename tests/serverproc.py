@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import tomli_w
 import torch
@@ -82,6 +83,27 @@ class ServerProc:
                 self.proc.wait(timeout=10)
         self._log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def serving(tmp: Path, token: str | None, **inference_args: Any) -> Iterator[ServerProc]:
+    """A healthy ``vlmrl serve`` of the tiny model on a free port for the ``with`` block;
+    it must exit cleanly (code 0) when stopped."""
+    port = free_port()
+    proc = ServerProc(write_config(tmp / "cfg.toml", port=port, **inference_args), port, tmp / "server.log", token)
+    proc.wait_healthy()
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.log()
+
+
+def load_trainer_side(model_dir: Path) -> tuple[Any, Any]:
+    """The tiny model (fp32, CPU) and its processor, as the trainer loads them."""
+    from backend.models import load_model_and_processor
+
+    return load_model_and_processor(str(model_dir), dtype="float32", device="cpu")
 
 
 def png_url(img: Image.Image) -> str:

@@ -271,3 +271,28 @@ def test_shared_images_run_the_vision_tower_once_with_the_same_values_and_gradie
         rel = ((g1[n] - g2[n]).norm() / g2[n].norm().clamp(min=1e-12)).item()
         assert rel < 1e-5, (n, rel)  # fp32 summation order only
     model.zero_grad(set_to_none=True)
+
+
+def test_a_groups_prompt_is_encoded_once_even_with_a_fresh_images_list_per_rollout(
+    family_model: tuple[str, Any, Any]
+) -> None:
+    _, model, processor = family_model
+    adapter = adapter_for(model.config, processor=processor)
+    rollouts = _rollouts(model, processor, n=3)
+    for r in rollouts:
+        r.images = list(r.images)  # same images, a new list (as Example.images hands out)
+    calls: list[int] = []
+    orig = adapter.encode_prompt
+
+    def counting(messages: list[dict[str, Any]], images: list[Any]) -> Any:
+        calls.append(1)
+        return orig(messages, images)
+
+    adapter.encode_prompt = counting  # type: ignore[method-assign]
+    adapter.validate(rollouts)
+    adapter.build_batch(rollouts)
+    assert len(calls) == len(_prompts())  # once per prompt, not per rollout or per call
+    adapter.build_batch([*rollouts[:1], *rollouts[3:]])  # a copy of an image is another prompt
+    rollouts[0].images = [im.copy() for im in rollouts[0].images]
+    adapter.build_batch(rollouts[:1])
+    assert len(calls) == len(_prompts()) + (1 if rollouts[0].images else 0)

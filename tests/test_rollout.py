@@ -18,24 +18,18 @@ from backend.rollout import RolloutClient, RolloutError, request_seed, to_openai
 from backend.sampling import banned_token_ids
 from environments.base import Environment, Example, Score
 from environments.colors import ColorsEnv
-from serverproc import ServerProc, encode, forward_logprobs, free_port, write_config
+from serverproc import ServerProc, encode, forward_logprobs, free_port, load_trainer_side, serving
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProc]:
-    tmp = tmp_path_factory.mktemp("rollout-server")
-    port = free_port()
-    proc = ServerProc(write_config(tmp / "cfg.toml", port=port), port, tmp / "server.log", "tok")
-    proc.wait_healthy()
-    yield proc
-    assert proc.stop() == 0, proc.log()
+    with serving(tmp_path_factory.mktemp("rollout-server"), "tok") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def trainer_side(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from backend.models import load_model_and_processor
-
-    return load_model_and_processor(str(tiny_model_dir), dtype="float32", device="cpu")
+    return load_trainer_side(tiny_model_dir)
 
 
 def test_collect_returns_scored_rollouts_with_server_logprobs(server: ServerProc, trainer_side: tuple[Any, Any]) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from backend import contract
 from backend.sampling import banned_token_ids, logit_bias_for
 from environments.colors import ColorsEnv
-from serverproc import ServerProc, encode, forward_logprobs, free_port, wire_messages, write_config
+from serverproc import ServerProc, encode, forward_logprobs, load_trainer_side, serving, wire_messages
 
 TOKEN = "test-token-123"
 MAX_PIXELS = 256 * 256
@@ -26,23 +26,17 @@ MAX_PIXELS = 256 * 256
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProc]:
     tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
     media = tmp / "media"
     media.mkdir()
-    cfg = write_config(tmp / "cfg.toml", port=port, max_image_pixels=MAX_PIXELS, batch_wait_ms=30.0,
-                       allowed_local_media_path=str(media))
-    proc = ServerProc(cfg, port, tmp / "server.log", TOKEN)
-    proc.wait_healthy()
-    proc.media = media  # type: ignore[attr-defined]
-    yield proc
-    assert proc.stop() == 0, proc.log()
+    with serving(tmp, TOKEN, max_image_pixels=MAX_PIXELS, batch_wait_ms=30.0,
+                 allowed_local_media_path=str(media)) as proc:
+        proc.media = media  # type: ignore[attr-defined]
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def trainer_side(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from backend.models import load_model_and_processor
-
-    return load_model_and_processor(str(tiny_model_dir), dtype="float32", device="cpu")
+    return load_trainer_side(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

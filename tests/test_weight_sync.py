@@ -28,7 +28,7 @@ from backend.weight_sync import (
     unpack_bucket,
 )
 from environments.colors import ColorsEnv
-from serverproc import ServerProc, encode, forward_logprobs, free_port, wire_messages, write_config
+from serverproc import ServerProc, encode, forward_logprobs, free_port, load_trainer_side, serving, wire_messages, write_config
 
 TOKEN = "sync-token"
 AUTH = {contract.TOKEN_HEADER: f"Bearer {TOKEN}"}
@@ -36,19 +36,13 @@ AUTH = {contract.TOKEN_HEADER: f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProc]:
-    tmp = tmp_path_factory.mktemp("sync-server")
-    port = free_port()
-    proc = ServerProc(write_config(tmp / "cfg.toml", port=port), port, tmp / "server.log", TOKEN)
-    proc.wait_healthy()
-    yield proc
-    assert proc.stop() == 0, proc.log()
+    with serving(tmp_path_factory.mktemp("sync-server"), TOKEN) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def trainer_side(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from backend.models import load_model_and_processor
-
-    return load_model_and_processor(str(tiny_model_dir), dtype="float32", device="cpu")
+    return load_trainer_side(tiny_model_dir)
 
 
 def greedy(server: ServerProc, messages: list[dict[str, Any]], bias: dict[str, float]) -> tuple[list[int], list[float]]:

@@ -150,7 +150,7 @@ class ProcessorAdapter(MultimodalAdapter):
         if pad is None:
             pad = getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id: int = int(pad) if pad is not None else 0
-        self._cache: dict[tuple[int, str, int, int, int], tuple[Any, PromptEncoding | str]] = {}
+        self._cache: dict[tuple[Any, ...], tuple[Any, PromptEncoding | str]] = {}
         self._cache_step: int | None = None
 
     # --- family hooks -------------------------------------------------------------------------
@@ -198,8 +198,9 @@ class ProcessorAdapter(MultimodalAdapter):
             if not r.completion_ids:
                 drop(r, "empty completion")
                 continue
-            # id()s of the (pinned) messages and images objects: the same prompt, not just the same name
-            key = (r.step, r.example_id, r.group, id(r.messages), id(r.images))
+            # id()s of the (pinned) messages and image objects: the same prompt, not just the same
+            # name (the images' list may be a fresh one per rollout, its images are shared)
+            key = (r.step, r.example_id, r.group, id(r.messages), *map(id, r.images))
             if key not in cache:
                 pin = (r.messages, r.images)
                 try:
