@@ -112,6 +112,9 @@ class MultimodalRLConfig(BaseModel):
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning rate after warmup: constant, or decayed to 0 at max_steps"
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(32, gt=0, description="rollouts per optimizer step")

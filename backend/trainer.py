@@ -183,9 +183,9 @@ class MultimodalGRPOTrainer:
             self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )
-        warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+            self.optimizer,
+            lambda s: lr_factor(s, warmup=config.warmup_steps, total=config.max_steps, kind=config.lr_scheduler_type),
         )
         self.step = 0  # optimizer steps done
         self.history: list[dict[str, Any]] = []
@@ -551,6 +551,21 @@ class MultimodalGRPOTrainer:
             np.random.set_state(rng["numpy"])
         self.step = int(json.loads((path / TRAINER_STATE).read_text())["step"])
         return self.step
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based): linear warmup over
+    ``warmup`` steps, then constant, or decayed linearly / by a half cosine to 0 at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(max((step - warmup) / max(1, total - warmup), 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_scheduler_type {kind!r}")
 
 
 def _in_thread(fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:

@@ -250,6 +250,25 @@ def test_warmup_ramps_the_learning_rate(tiny_model_dir: Path) -> None:
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
 
 
+def test_lr_schedules_after_warmup() -> None:
+    from backend.trainer import lr_factor
+
+    lin = [lr_factor(s, warmup=2, total=6, kind="linear") for s in range(6)]
+    assert lin == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    cos = [lr_factor(s, warmup=0, total=4, kind="cosine") for s in range(5)]
+    assert cos == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+    assert [lr_factor(s, warmup=0, total=3, kind="constant") for s in range(3)] == [1.0, 1.0, 1.0]
+    assert lr_factor(10, warmup=0, total=4, kind="linear") == 0.0  # resumed past max_steps: no negative lr
+    with pytest.raises(ValueError, match="unknown lr_scheduler_type"):
+        lr_factor(0, warmup=0, total=4, kind="step")
+
+
+def test_linear_decay_reaches_the_trainer(tiny_model_dir: Path) -> None:
+    tr = _trainer(tiny_model_dir, _cfg(learning_rate=1e-3, max_steps=4, lr_scheduler_type="linear"))
+    lrs = [tr.train_step(_fixed_rollouts(tr, step=s))["lr"] for s in (1, 2, 3)]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4])
+
+
 # --- resume helpers ---------------------------------------------------------------------------
 
 
