@@ -196,6 +196,7 @@ class MultimodalGRPOTrainer:
         # sampled with an older one means the server restarted and lost our weights.
         self.server_version = 0
         self.rejoins = 0
+        self._pending_write: cf.Future[None] | None = None
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -371,6 +372,7 @@ class MultimodalGRPOTrainer:
         # source sampling with the trainer's own model stays synchronous.
         ahead = cfg.async_level > 0 and not getattr(self.rollout_source, "shares_model", False)
         pending: cf.Future[list[Rollout]] | None = None
+        writer = cf.ThreadPoolExecutor(1, thread_name_prefix="rollout-writer") if self._rollouts is not None else None
         floor, rejoins = self.server_version, self.rejoins  # when `pending` was sent
         try:
             while self.step < cfg.max_steps:
@@ -386,7 +388,11 @@ class MultimodalGRPOTrainer:
                 metrics = self.train_step(rollouts)
                 t2 = time.perf_counter()
                 sync_s = self.sync_weights() if step % cfg.sync_to_vllm_every == 0 else 0.0
-                self._write_rollouts(step, rollouts)
+                # Rollouts (PNGs, JSON) are written by a helper thread while the next step
+                # runs; at most one write is pending, and it is done before a checkpoint.
+                self._drain_writes()
+                if writer is not None:
+                    self._pending_write = writer.submit(self._write_rollouts, step, rollouts)
                 step_s = time.perf_counter() - t0
                 metrics = {
                     "step": step,
@@ -408,12 +414,19 @@ class MultimodalGRPOTrainer:
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     self._evaluate(step)
                 if cfg.save_every and step % cfg.save_every == 0 and self.run_dir is not None:
+                    self._drain_writes()
                     self.save_checkpoint()
                     last_saved = step
+            self._drain_writes()
             done = self.run_dir is not None and (self.run_dir.checkpoint(self.step) / CHECKPOINT_MARKER).exists()
             if self.run_dir is not None and last_saved != self.step and not done:
                 self.save_checkpoint()
         finally:
+            try:
+                self._drain_writes()  # nothing already produced is lost on Ctrl-C or an error
+            finally:
+                if writer is not None:
+                    writer.shutdown(wait=True)
             for w in (self._metrics, self._rollouts):
                 if w is not None:
                     w.close()
@@ -453,6 +466,12 @@ class MultimodalGRPOTrainer:
         if self.run_dir is not None:
             with JsonlWriter(self.run_dir.eval) as w:
                 w.write({"step": step, "accuracy": res["accuracy"], "n": res["n"], "time": time.time()})
+
+    def _drain_writes(self) -> None:
+        """Wait for the pending rollout write (raising its error, if any)."""
+        pending, self._pending_write = self._pending_write, None
+        if pending is not None:
+            pending.result()
 
     def _write_rollouts(self, step: int, rollouts: Sequence[Rollout]) -> None:
         if self._rollouts is None or self.run_dir is None:

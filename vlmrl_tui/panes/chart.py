@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual.strip import Strip
 from textual.widget import Widget
 
 # Bit of each dot in a braille cell, by (column, row).
@@ -115,11 +116,10 @@ class ChartRender:
                 if s.role != role:
                     continue
                 prev: tuple[int, int] | None = None
-                for x, y in zip(s.xs, s.ys):
-                    if not (math.isfinite(x) and math.isfinite(y)):
+                for cur in _per_column(s.xs, s.ys, to_dot):
+                    if cur is None:
                         prev = None
                         continue
-                    cur = to_dot(x, y)
                     for px, py in _segment(prev or cur, cur):
                         cx, cy = px // 2, py // 4
                         bits[cy][cx] |= _DOT[px % 2][py % 4]
@@ -149,6 +149,36 @@ class ChartRender:
                     xl[pos + i] = ch
         out.append([Segment(" " * lw + "└", axis), Segment("".join(xl), axis)])
         return out[:h]
+
+
+def _per_column(xs: Sequence[float], ys: Sequence[float],
+                to_dot: Callable[[float, float], tuple[int, int]]) -> list[tuple[int, int] | None]:
+    """The series in dot space with at most four points per dot column (first, lowest,
+    highest, last, in order; ``None`` marks a gap). Joining them lights the same dots as
+    joining every point, at a cost bound by the plot's width, not the series' length."""
+    out: list[tuple[int, int] | None] = []
+    col: list[tuple[int, int]] = []
+
+    def close() -> None:
+        if len(col) <= 4:
+            out.extend(col)
+        else:
+            keep = {0, len(col) - 1, min(range(len(col)), key=lambda i: col[i][1]),
+                    max(range(len(col)), key=lambda i: col[i][1])}
+            out.extend(col[i] for i in sorted(keep))
+        col.clear()
+
+    for x, y in zip(xs, ys):
+        if not (math.isfinite(x) and math.isfinite(y)):
+            close()
+            out.append(None)
+            continue
+        d = to_dot(x, y)
+        if col and col[-1][0] != d[0]:
+            close()
+        col.append(d)
+    close()
+    return out
 
 
 def _segment(a: tuple[int, int], b: tuple[int, int]) -> list[tuple[int, int]]:
@@ -191,16 +221,21 @@ class LineChart(Widget):
         self.title = title
         self.series: list[Series] = []
         self._styles: dict[str, Style] | None = None
+        self._strips: list[Strip] | None = None  # the drawn chart, until series, size or style change
+        self._strips_size: tuple[int, int] = (0, 0)
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
         self._styles = None  # theme or CSS changed
+        self._strips = None
 
     def set_series(self, series: list[Series]) -> None:
         self.series = series
+        self._strips = None
         self.refresh()
 
-    def render(self) -> ChartRender:
+    def chart(self, width: int, height: int) -> ChartRender:
+        """The chart at ``width`` x ``height`` cells."""
         styles = self._styles
         if styles is None:
             names = (*ROLES, "axis", "title")
@@ -210,4 +245,17 @@ class LineChart(Widget):
         for s in labels:
             title.append("  ● ", style=styles[s.role])
             title.append(s.label or "", style=styles["axis"])
-        return ChartRender(title, self.series, self.size.width, self.size.height, styles)
+        return ChartRender(title, self.series, width, height, styles)
+
+    def render_line(self, y: int) -> Strip:
+        # Line API: the chart is drawn into strips once per change and each line is then
+        # handed out as is (a Rich renderable went through a console render every refresh).
+        width, height = self.content_size
+        if self._strips is None or self._strips_size != (width, height):
+            base = self.rich_style
+            lines = self.chart(width, height).lines(self.app.console) if width > 0 and height > 0 else []
+            self._strips = [Strip(line).adjust_cell_length(width).apply_style(base) for line in lines]
+            self._strips_size = (width, height)
+        if 0 <= y < len(self._strips):
+            return self._strips[y]
+        return Strip.blank(width, self.rich_style)

@@ -127,6 +127,8 @@ class MetricsStore:
 
     def __init__(self) -> None:
         self.records: dict[int, dict[str, Any]] = {}
+        self._steps: list[int] | None = None
+        self._series: dict[str, tuple[list[float], list[float]]] = {}  # by key, until the next add
 
     def add(self, records: Iterable[dict[str, Any]]) -> int:
         n = 0
@@ -136,21 +138,31 @@ class MetricsStore:
                 continue
             self.records[int(step)] = rec
             n += 1
+        if n:
+            self._steps = None
+            self._series.clear()
         return n
 
     @property
     def steps(self) -> list[int]:
-        return sorted(self.records)
+        if self._steps is None:
+            self._steps = sorted(self.records)
+        return self._steps
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
-        """(steps, values) where ``key`` has a finite value."""
+        """(steps, values) where ``key`` has a finite value (shared lists: do not modify)."""
+        cached = self._series.get(key)
+        if cached is not None:
+            return cached
         xs: list[float] = []
         ys: list[float] = []
+        records = self.records
         for step in self.steps:
-            v = _num(self.records[step].get(key))
+            v = _num(records[step].get(key))
             if v is not None:
                 xs.append(float(step))
                 ys.append(v)
+        self._series[key] = (xs, ys)
         return xs, ys
 
     def latest(self) -> dict[str, Any]:
