@@ -36,6 +36,28 @@ SORT_MODES = ("index", "best", "worst")
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
 
 
+class Prerendered:
+    """A renderable with its lines already rendered at ``width``: replayed as they are at
+    that width (no second render), rendered afresh at any other."""
+
+    def __init__(self, renderable: Any, lines: list[list[Segment]], width: int) -> None:
+        self.renderable = renderable
+        self.lines = lines
+        self.width = width
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.renderable)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if options.max_width != self.width:
+            yield self.renderable
+            return
+        newline = Segment.line()
+        for line in self.lines:
+            yield from line
+            yield newline
+
+
 class HalfBlockImage:
     """A PIL image as terminal cells: two pixel rows per cell row, aspect ratio kept."""
 
@@ -233,7 +255,7 @@ class RolloutsPane(Horizontal):
         Binding("y", "copy_path", "Copy PNG path", id="rollouts.copy_path"),
     ]
 
-    def __init__(self, run_dir: Path | None = None, image_height: int = 12, redraw_s: float = 1.0,
+    def __init__(self, run_dir: Path | None = None, image_height: int = 12, redraw_s: float = 2.0,
                  *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.redraw_s = redraw_s
@@ -250,7 +272,7 @@ class RolloutsPane(Horizontal):
         self._images: LRUCache[Path, Image.Image | None] = LRUCache(64)
         self._shown_rows: list[RolloutRecord] = []
         self.shown_images: list[HalfBlockImage] = []  # what the detail view draws now
-        self._detail_shape: tuple[int, int] | None = None
+        self._shapes: dict[int, tuple[int, int | None]] = {}  # id(static) -> (width, lines) last shown
         self._header = Static("no rollouts yet", id="rollout-header")
         self.table = RowTable(("#", "grp", "reward", "adv", "completion"), (3, 3, 6, 7, 40), id="rollout-table")
         self._image = Static("", id="rollout-image")
@@ -380,18 +402,19 @@ class RolloutsPane(Horizontal):
             images.append(Text("(no image in this rollout)", style="dim"))
         self.shown_images = [x for x in images if isinstance(x, HalfBlockImage)]
         detail = self.detail(r)
-        # A layout re-arranges the whole screen: ask for one only when the heights change
-        # (the next rollout of a step usually has the same image size and line count).
-        width = self._text.size.width
-        shape = None
-        if width > 0:
-            console = self.app.console
-            lines = console.render_lines(Group(*images, detail), console.options.update_width(width), pad=False)
-            shape = (width, len(lines))
-        relayout = shape is None or shape != self._detail_shape
-        self._detail_shape = shape
-        self._image.update(Group(*images), layout=relayout)
-        self._text.update(detail, layout=relayout)
+        # Each part is rendered once here, at the width it will be shown at, and the Static
+        # replays those lines; a layout (it re-arranges the whole screen) is asked for only
+        # when a part's height changes (the next rollout usually has the same shape).
+        for static, renderable in ((self._image, Group(*images)), (self._text, detail)):
+            width = static.size.width
+            height = None
+            if width > 0:
+                console = self.app.console
+                lines = console.render_lines(renderable, console.options.update_width(width), pad=False)
+                renderable = Prerendered(renderable, lines, width)
+                height = len(lines)
+            static.update(renderable, layout=height is None or (width, height) != self._shapes.get(id(static)))
+            self._shapes[id(static)] = (width, height)
 
     def detail(self, r: RolloutRecord) -> Table:
         """The text beside the image: ids, reward and parts, advantage, prompt, completion, paths."""
