@@ -47,6 +47,7 @@ SendCommand = Callable[..., dict]
 TABS = {"logs": "tab-logs", "metrics": "tab-metrics", "rollouts": "tab-rollouts"}
 PROCESSES_WIDTH = 84  # the processes pane (app.tcss); the GPU pane shares the row when it fits
 GPU_TABLE_WIDTH = 62  # what the GPU table needs; the no-GPU sentence wraps into less
+BUSY_LINES = 100  # log lines in one poll from which the feed polls every poll_s, not idle_poll_s
 MIN_BATCH_GAP_S = 0.02  # the reader worker's shortest pause after posting a batch
 
 
@@ -87,6 +88,7 @@ class VlmrlApp(App[str | None]):
         launched: "LaunchedRun | None" = None,
         scrollback: int = DEFAULT_SCROLLBACK,
         poll_s: float = 0.5,
+        idle_poll_s: float | None = None,
         stats_s: float = 2.0,
         health_s: float = 5.0,
         gpu_s: float = 2.0,
@@ -102,6 +104,7 @@ class VlmrlApp(App[str | None]):
         self.launched = launched
         self.scrollback = scrollback
         self.poll_s = poll_s
+        self.idle_poll_s = 2 * poll_s if idle_poll_s is None else idle_poll_s
         self.stats_s = stats_s
         self.health_s = health_s
         self.gpu_s = gpu_s
@@ -206,8 +209,10 @@ class VlmrlApp(App[str | None]):
                     if worker.is_cancelled:
                         return
             # Sleep out the poll interval, and always a little after a batch: a flood of
-            # batches must leave the UI idle moments to paint in.
-            left = self.poll_s - (time.monotonic() - started)
+            # batches must leave the UI idle moments to paint in. A trickle of log lines
+            # (a run going well) is polled half as often: each batch repaints the log.
+            busy = update.line_count >= BUSY_LINES or any(c.skipped for c in update.logs.values())
+            left = (self.poll_s if busy else self.idle_poll_s) - (time.monotonic() - started)
             if update:
                 left = max(left, MIN_BATCH_GAP_S)
             if left > 0:

@@ -64,8 +64,9 @@ class ChartRender:
     """The chart as Rich segments for a given size (what :class:`LineChart` renders)."""
 
     def __init__(self, title: Text, series: Sequence[Series], width: int, height: int,
-                 styles: dict[str, Style]) -> None:
+                 styles: dict[str, Style], title_base: Style | None = None) -> None:
         self.title = title
+        self.title_base = title_base  # applied under the title's own styles
         self.series = series
         self.width = max(1, width)
         self.height = max(1, height)
@@ -82,8 +83,11 @@ class ChartRender:
         title = self.title.copy()
         title.truncate(w)
         pad = (w - title.cell_len) // 2
+        title_segments = list(title.render(console))
+        if self.title_base is not None:
+            title_segments = list(Segment.apply_style(title_segments, self.title_base))
         out: list[list[Segment]] = [
-            [Segment(" " * pad, axis), *title.render(console), Segment(" " * (w - pad - title.cell_len), axis)]
+            [Segment(" " * pad, axis), *title_segments, Segment(" " * (w - pad - title.cell_len), axis)]
         ]
         rows = h - 2
         yr = y_range(self.series)
@@ -221,6 +225,8 @@ class LineChart(Widget):
         self.title = title
         self.series: list[Series] = []
         self._styles: dict[str, Style] | None = None
+        self._styles_base: Style | None = None
+        self._parts: dict[str, Style] = {}
         self._strips: list[Strip] | None = None  # the drawn chart, until series, size or style change
         self._strips_size: tuple[int, int] = (0, 0)
 
@@ -236,25 +242,35 @@ class LineChart(Widget):
 
     def chart(self, width: int, height: int) -> ChartRender:
         """The chart at ``width`` x ``height`` cells."""
+        # The widget's own style (background, inherited too) is folded into every part's
+        # style, so drawn lines need no per-segment style pass afterwards.
+        base = self.rich_style
         styles = self._styles
-        if styles is None:
+        if styles is None or self._styles_base != base:
             names = (*ROLES, "axis", "title")
-            styles = self._styles = {name: self.get_component_rich_style(f"chart--{name}") for name in names}
-        title = Text(self.title, style=styles["title"])
+            parts = {name: self.get_component_rich_style(f"chart--{name}") for name in names}
+            self._parts = parts
+            styles = self._styles = {name: base + style for name, style in parts.items()}
+            self._styles_base = base
+        parts = self._parts
+        title = Text(self.title, style=parts["title"])
         labels = [s for s in self.series if s.label]
         for s in labels:
-            title.append("  ● ", style=styles[s.role])
-            title.append(s.label or "", style=styles["axis"])
-        return ChartRender(title, self.series, width, height, styles)
+            title.append("  ● ", style=parts[s.role])
+            title.append(s.label or "", style=parts["axis"])
+        return ChartRender(title, self.series, width, height, styles, title_base=base)
 
     def render_line(self, y: int) -> Strip:
         # Line API: the chart is drawn into strips once per change and each line is then
         # handed out as is (a Rich renderable went through a console render every refresh).
         width, height = self.content_size
         if self._strips is None or self._strips_size != (width, height):
-            base = self.rich_style
             lines = self.chart(width, height).lines(self.app.console) if width > 0 and height > 0 else []
-            self._strips = [Strip(line).adjust_cell_length(width).apply_style(base) for line in lines]
+            strips = []
+            for line in lines:
+                strip = Strip(line)
+                strips.append(strip if strip.cell_length == width else strip.adjust_cell_length(width))
+            self._strips = strips
             self._strips_size = (width, height)
         if 0 <= y < len(self._strips):
             return self._strips[y]

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
-from textual.widgets import ProgressBar, Static
+from textual.widgets import Static
 
 from vlmrl_tui.panes.chart import LineChart, Series
 
@@ -223,13 +223,50 @@ class MetricPlot(LineChart):
         self.set_series(series)
 
 
+class StepBar(Static):
+    """``━━━━━━━━━━╸━━━━━━━━━  45%``: steps done of ``max_steps`` (blank while unknown)."""
+
+    COMPONENT_CLASSES = {"metrics--done", "metrics--todo"}
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__("", id=id)
+        self.shown: tuple[int, int | None] | None = None
+
+    def on_resize(self) -> None:
+        if self.shown is not None:
+            step, total = self.shown
+            self.shown = None
+            self.show(step, total)
+
+    def show(self, step: int, total: int | None) -> None:
+        if (step, total) == self.shown:
+            return
+        self.shown = (step, total)
+        width = max(1, self.size.width - 6 if self.size.width > 10 else 38)
+        if not total:
+            self.update(Text(" " * width), layout=False)
+            return
+        frac = min(max(step / total, 0.0), 1.0)
+        cells = frac * width
+        full = int(cells)
+        text = Text("━" * full, style=self.get_component_rich_style("metrics--done"))
+        if full < width:
+            text.append("╸" if cells - full >= 0.5 else "━",
+                        style=self.get_component_rich_style("metrics--done" if cells - full >= 0.5 else "metrics--todo"))
+            text.append("━" * (width - full - 1), style=self.get_component_rich_style("metrics--todo"))
+        text.append(f" {frac * 100:3.0f}%")
+        self.update(text, layout=False)
+
+
 class MetricsPane(Vertical):
     """Plots, latest values, progress and ETA of the run's optimizer steps."""
 
     DEFAULT_CSS = """
     MetricsPane { height: 1fr; }
     MetricsPane #metrics-progress { height: 1; padding: 0 1; background: $panel; }
-    MetricsPane #metrics-progress ProgressBar { width: 40; }
+    MetricsPane #metrics-bar { width: 44; }
+    MetricsPane #metrics-bar > .metrics--done { color: $accent; }
+    MetricsPane #metrics-bar > .metrics--todo { color: $surface-lighten-2; }
     MetricsPane #metrics-eta { width: 1fr; padding: 0 1; }
     MetricsPane #metrics-body { height: 1fr; }
     MetricsPane #metrics-plots { grid-size: 3 2; grid-gutter: 0 1; width: 1fr; }
@@ -251,7 +288,8 @@ class MetricsPane(Vertical):
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="metrics-progress"):
-            self._bar = ProgressBar(total=self.max_steps, show_eta=False, id="metrics-bar")
+            # A Static drawn at each redraw: Textual's ProgressBar repaints on its own clock.
+            self._bar = StepBar(id="metrics-bar")
             yield self._bar
             yield self._eta
         with Horizontal(id="metrics-body"):
@@ -335,8 +373,6 @@ class MetricsPane(Vertical):
         return " · ".join(parts)
 
     def _update_progress(self, latest: dict[str, Any]) -> None:
-        bar = self._bar
-        if self.max_steps:
-            step = int(_num(latest.get("step")) or 0) if latest else 0
-            bar.update(total=self.max_steps, progress=min(step, self.max_steps))
+        step = int(_num(latest.get("step")) or 0) if latest else 0
+        self._bar.show(step, self.max_steps)
         self._eta.update(Text(self.progress_text()), layout=False)

@@ -183,46 +183,68 @@ def _prompt_text(prompt: Any) -> str:
 class RolloutStore:
     """Rollouts grouped by step (the newest ``max_steps`` steps are kept).
 
-    A record for a (step, index) already held replaces it: a resumed trainer rewrites
-    rollouts.jsonl, and the feed then reads it again from the start.
+    Records stay as the feed parsed them until a step is shown: a live run brings hundreds
+    a second and most are never looked at. A record for a (step, index) already held
+    replaces it: a resumed trainer rewrites rollouts.jsonl, and the feed reads it again.
     """
 
     def __init__(self, max_steps: int = 1000) -> None:
-        self.by_step: dict[int, list[RolloutRecord]] = {}
         self.max_steps = max_steps
+        self._raw: dict[int, dict[int, dict[str, Any]]] = {}  # step -> index -> record
+        self._parsed: dict[int, list[RolloutRecord]] = {}  # steps converted since they last changed
+        self._steps: list[int] | None = None
 
     def add(self, records: Iterable[dict[str, Any]]) -> set[int]:
         """Add raw records; return the steps that changed."""
         changed: set[int] = set()
         for rec in records:
             try:
-                r = RolloutRecord.from_json(rec)
-            except (TypeError, ValueError):
+                step, index = int(rec.get("step", 0)), int(rec.get("index", 0))
+            except (AttributeError, TypeError, ValueError):
                 continue
-            rows = self.by_step.setdefault(r.step, [])
-            old = next((i for i, x in enumerate(rows) if x.index == r.index), None)
-            if old is None:
-                rows.append(r)
-            else:
-                rows[old] = r
-            changed.add(r.step)
-        if len(self.by_step) > self.max_steps:
-            for step in sorted(self.by_step)[: len(self.by_step) - self.max_steps]:
-                del self.by_step[step]
+            by_index = self._raw.get(step)
+            if by_index is None:
+                by_index = self._raw[step] = {}
+                self._steps = None
+            by_index[index] = rec
+            changed.add(step)
+        for step in changed:
+            self._parsed.pop(step, None)
+        if len(self._raw) > self.max_steps:
+            for step in self.steps[: len(self._raw) - self.max_steps]:
+                del self._raw[step]
+                self._parsed.pop(step, None)
+            self._steps = None
         return changed
 
     @property
     def steps(self) -> list[int]:
-        return sorted(self.by_step)
+        if self._steps is None:
+            self._steps = sorted(self._raw)
+        return self._steps
+
+    def __contains__(self, step: int) -> bool:
+        return step in self._raw
+
+    def records(self, step: int) -> list[RolloutRecord]:
+        """The rollouts of ``step`` in index order (records that cannot be read are left out)."""
+        parsed = self._parsed.get(step)
+        if parsed is None:
+            parsed = []
+            for index in sorted(self._raw.get(step, {})):
+                try:
+                    parsed.append(RolloutRecord.from_json(self._raw[step][index]))
+                except (TypeError, ValueError, AttributeError):
+                    continue
+            self._parsed[step] = parsed
+        return parsed
 
     def rows(self, step: int, sort: str) -> list[RolloutRecord]:
-        rows = list(self.by_step.get(step, []))
+        rows = list(self.records(step))
         if sort == "best":
             rows.sort(key=lambda r: (-r.reward, -(r.advantage or 0.0), r.index))
         elif sort == "worst":
             rows.sort(key=lambda r: (r.reward, r.advantage or 0.0, r.index))
-        else:
-            rows.sort(key=lambda r: r.index)
         return rows
 
 
@@ -325,7 +347,7 @@ class RolloutsPane(Horizontal):
         steps = self.store.steps
         if not steps:
             return
-        if step not in self.store.by_step:
+        if step not in self.store:
             step = min(steps, key=lambda s: abs(s - step))
         same_step = step == self.step
         keep = self.selected.index if (same_step and self.selected is not None) else None
@@ -352,7 +374,7 @@ class RolloutsPane(Horizontal):
         if self.step is None or not steps:
             return
         pos = steps.index(self.step) + 1
-        rows = self.store.by_step.get(self.step, [])
+        rows = self.store.records(self.step)
         mean = sum(r.reward for r in rows) / len(rows) if rows else 0.0
         latest = " latest" if self.follow_latest else ""
         self._header.update(

@@ -71,6 +71,7 @@ class RowTable(ScrollView, can_focus=True):
         self._cells: dict[str, list[Cell]] = {}
         self.cursor_row = 0
         self._strips: LRUCache[tuple[Any, ...], Strip] = LRUCache(256)
+        self._frame_style: Style | None = None
         self._resize()
 
     # ---- data -------------------------------------------------------------------------
@@ -118,8 +119,19 @@ class RowTable(ScrollView, can_focus=True):
 
     def _resize(self) -> None:
         size = Size(sum(self.widths) + len(self.widths), len(self._keys) + 1)
-        if size != self.virtual_size:  # a layout only when the row count changes
-            self.virtual_size = size
+        if size == self.virtual_size:
+            return
+        height = self.styles.height
+        if height is None or height.is_auto:
+            self.virtual_size = size  # the table's own height follows its rows: lay out
+            return
+        # ``virtual_size`` is a layout reactive: assigning it re-arranges the whole screen.
+        # A table of fixed or fractional height does not change size with its rows, so it
+        # is set quietly and only the scrollbars are updated (they ask for a layout
+        # themselves if one appears or goes).
+        self.set_reactive(ScrollView.virtual_size, size)
+        if self.is_mounted and self.container_size:
+            self._scroll_update(size)
 
     # ---- cursor -----------------------------------------------------------------------
     def move_cursor(self, row: int) -> None:
@@ -171,9 +183,17 @@ class RowTable(ScrollView, can_focus=True):
             if cell_len(plain) > w:
                 plain = set_cell_size(plain, w - 1) + "…"
             line.append(set_cell_size(plain, w) + " ", cell.style if isinstance(cell, Text) else None)
-        base = self.rich_style + style
+        base = (self._frame_style or self.rich_style) + style
         segments = Segment.apply_style(line.render(self.app.console), style=base)
         return Strip(list(segments), line.cell_len).crop_extend(0, width, base)
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        # rich_style walks the ancestors for their backgrounds: once per frame, not per row.
+        self._frame_style = self.rich_style
+        try:
+            return super().render_lines(crop)
+        finally:
+            self._frame_style = None
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
@@ -183,7 +203,7 @@ class RowTable(ScrollView, can_focus=True):
         else:
             row = round(self.scroll_y) + y - 1
             if not 0 <= row < len(self._keys):
-                return Strip.blank(width, self.rich_style)
+                return Strip.blank(width, self._frame_style or self.rich_style)
             cells = self._cells[self._keys[row]]
             component = "rowtable--cursor" if row == self.cursor_row else ""
         key = (tuple(_cell_key(c) for c in cells), component, width)
