@@ -69,7 +69,7 @@ def test_vlmrl_run_colors_tiny_completes_and_leaves_a_full_run_directory(tmp_pat
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all("reward_mean" in m and "loss" in m for m in metrics)
     rollouts = (run_dir / "rollouts.jsonl").read_text().splitlines()
-    assert len(rollouts) == 3 * 32
+    assert len(rollouts) == 3 * resolved["trainer"]["args"]["batch_size"]
     assert list((run_dir / "rollouts" / "1").glob("*.png"))
     assert (run_dir / "checkpoints" / "3" / "COMPLETE").exists()
 
