@@ -307,14 +307,18 @@ class MultimodalGRPOTrainer:
             return 0.0
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
-                self.weight_sync.sync(self.named_weights(), version=self.step)
-            self.server_version = self.step
+            self._push()
         except VlmrlError as e:
             if not self._can_rejoin():
                 raise
             self._rejoin(f"weight sync failed ({e})")
         return time.perf_counter() - t0
+
+    def _push(self) -> None:
+        """Send the current weights as version ``step``; the server then holds them."""
+        with torch.no_grad():
+            self.weight_sync.sync(self.named_weights(), version=self.step)  # type: ignore[union-attr]
+        self.server_version = self.step
 
     def _can_rejoin(self) -> bool:
         return callable(getattr(self.weight_sync, "reconnect", None))
@@ -325,9 +329,7 @@ class MultimodalGRPOTrainer:
         self.log(f"trainer: {why}; re-joining the server and pushing the weights of step {self.step}")
         t0 = time.perf_counter()
         self.weight_sync.reconnect(self.config.request_timeout_s)  # type: ignore[union-attr]
-        with torch.no_grad():
-            self.weight_sync.sync(self.named_weights(), version=self.step)  # type: ignore[union-attr]
-        self.server_version = self.step
+        self._push()
         self.rejoins += 1
         self.log(f"trainer: server holds the weights of step {self.step} again ({time.perf_counter() - t0:.1f}s)")
 

@@ -211,7 +211,7 @@ class VlmrlApp(App[str | None]):
             # Sleep out the poll interval, and always a little after a batch: a flood of
             # batches must leave the UI idle moments to paint in. A trickle of log lines
             # (a run going well) is polled half as often: each batch repaints the log.
-            busy = update.line_count >= BUSY_LINES or any(c.skipped for c in update.logs.values())
+            busy = update.line_count >= BUSY_LINES  # lines read, skipped ones included
             left = (self.poll_s if busy else self.idle_poll_s) - (time.monotonic() - started)
             if update:
                 left = max(left, MIN_BATCH_GAP_S)

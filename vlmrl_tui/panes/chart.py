@@ -224,15 +224,13 @@ class LineChart(Widget):
         super().__init__(id=id)
         self.title = title
         self.series: list[Series] = []
-        self._styles: dict[str, Style] | None = None
-        self._styles_base: Style | None = None
-        self._parts: dict[str, Style] = {}
+        self._parts: dict[str, Style] | None = None  # component styles, until the theme or CSS changes
         self._strips: list[Strip] | None = None  # the drawn chart, until series, size or style change
         self._strips_size: tuple[int, int] = (0, 0)
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
-        self._styles = None  # theme or CSS changed
+        self._parts = None  # theme or CSS changed
         self._strips = None
 
     def set_series(self, series: list[Series]) -> None:
@@ -244,15 +242,12 @@ class LineChart(Widget):
         """The chart at ``width`` x ``height`` cells."""
         # The widget's own style (background, inherited too) is folded into every part's
         # style, so drawn lines need no per-segment style pass afterwards.
-        base = self.rich_style
-        styles = self._styles
-        if styles is None or self._styles_base != base:
-            names = (*ROLES, "axis", "title")
-            parts = {name: self.get_component_rich_style(f"chart--{name}") for name in names}
-            self._parts = parts
-            styles = self._styles = {name: base + style for name, style in parts.items()}
-            self._styles_base = base
         parts = self._parts
+        if parts is None:
+            names = (*ROLES, "axis", "title")
+            parts = self._parts = {name: self.get_component_rich_style(f"chart--{name}") for name in names}
+        base = self.rich_style
+        styles = {name: base + style for name, style in parts.items()}
         title = Text(self.title, style=parts["title"])
         labels = [s for s in self.series if s.label]
         for s in labels:

@@ -27,6 +27,7 @@ from textual.strip import Strip
 from textual.widgets import Input, Static, TabbedContent, TabPane
 
 from vlmrl_tui.panes.feed import DEFAULT_SCROLLBACK, LogChunk, proc_sort_key, strip_ansi
+from vlmrl_tui.panes.table import set_virtual_size_quietly
 
 # A line that starts a Python traceback, or reports an error.
 TRACEBACK_RE = re.compile(r"Traceback \(most recent call last\)")
@@ -185,19 +186,9 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
         self._catch_up()
 
     def _set_virtual_size(self, size: Size, on_screen: bool = True) -> None:
-        """Set the scrollable size without laying out the screen.
-
-        ``virtual_size`` is a layout reactive: assigning it re-arranges the whole screen,
-        on every batch, even for a view in a hidden tab. This widget's own size never
-        depends on it, so it is set quietly; a view on screen refreshes its scrollbars
-        (which ask for a layout themselves if one appears or goes), a hidden one does so
-        when it is shown.
-        """
-        if size == self.virtual_size:
-            return
-        self.set_reactive(ScrollView.virtual_size, size)
-        if on_screen and self.container_size:
-            self._scroll_update(size)
+        """Set the scrollable size without laying out the screen (on every batch, even in
+        a hidden tab, a layout would re-arrange the whole screen)."""
+        set_virtual_size_quietly(self, size, on_screen)
 
     def clear(self) -> None:
         """Forget every line held (the file on disk is untouched)."""

@@ -25,6 +25,21 @@ from textual.strip import Strip
 Cell = Union[str, Text]
 
 
+def set_virtual_size_quietly(view: ScrollView, size: Size, on_screen: bool) -> None:
+    """Set ``view``'s scrollable size without laying out the screen.
+
+    ``virtual_size`` is a layout reactive: assigning it re-arranges the whole screen. For a
+    view whose own size never depends on it, it is set quietly; a view on screen refreshes
+    its scrollbars (which ask for a layout themselves if one appears or goes), a hidden one
+    does so when it is shown.
+    """
+    if size == view.virtual_size:
+        return
+    view.set_reactive(ScrollView.virtual_size, size)
+    if on_screen and view.container_size:
+        view._scroll_update(size)
+
+
 def _cell_key(cell: Cell) -> Any:
     return (cell.plain, str(cell.style), tuple(cell.spans)) if isinstance(cell, Text) else cell
 
@@ -124,14 +139,8 @@ class RowTable(ScrollView, can_focus=True):
         height = self.styles.height
         if height is None or height.is_auto:
             self.virtual_size = size  # the table's own height follows its rows: lay out
-            return
-        # ``virtual_size`` is a layout reactive: assigning it re-arranges the whole screen.
-        # A table of fixed or fractional height does not change size with its rows, so it
-        # is set quietly and only the scrollbars are updated (they ask for a layout
-        # themselves if one appears or goes).
-        self.set_reactive(ScrollView.virtual_size, size)
-        if self.is_mounted and self.container_size:
-            self._scroll_update(size)
+        else:  # a fixed or fractional height does not change with the rows
+            set_virtual_size_quietly(self, size, self.is_mounted)
 
     # ---- cursor -----------------------------------------------------------------------
     def move_cursor(self, row: int) -> None:
