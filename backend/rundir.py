@@ -1,4 +1,4 @@
-"""The run directory: the single source of truth every view reads.
+"""The run directory: paths, and the primitives that write and tail its files.
 
 ```
 runs/<name>/
@@ -6,9 +6,10 @@ runs/<name>/
   logs/<proc>.log  rollouts/<step>/<file>.png  checkpoints/<step>/
 ```
 
-Writers append whole lines and flush them; ``run.json`` is replaced atomically. Readers
-tail files by byte offset and keep a partial last line for the next read, so a view can
-attach to a live or a finished run at any time.
+File names and record schemas belong to :mod:`backend.records`. Writers append whole
+lines and flush them; ``run.json`` is replaced atomically. Readers tail files by byte
+offset and keep a partial last line for the next read, so a view can attach to a live or
+a finished run at any time.
 """
 
 from __future__ import annotations
@@ -20,17 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-CONFIG_FILE = "config.toml"
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-ROLLOUTS_FILE = "rollouts.jsonl"
-EVAL_FILE = "eval.jsonl"
-LOGS_DIR = "logs"
-ROLLOUT_IMAGES_DIR = "rollouts"
-CHECKPOINTS_DIR = "checkpoints"
-
-PROC_SERVER = "server"
-PROC_TRAINER = "trainer"
+from backend import records
 
 
 class RunDirectory:
@@ -41,37 +32,53 @@ class RunDirectory:
 
     @property
     def config(self) -> Path:
-        return self.path / CONFIG_FILE
+        return self.path / records.CONFIG_FILE
 
     @property
     def run_json(self) -> Path:
-        return self.path / RUN_FILE
+        return self.path / records.RUN_FILE
 
     @property
     def metrics(self) -> Path:
-        return self.path / METRICS_FILE
+        return self.path / records.METRICS_FILE
 
     @property
     def rollouts(self) -> Path:
-        return self.path / ROLLOUTS_FILE
+        return self.path / records.ROLLOUTS_FILE
 
     @property
     def eval(self) -> Path:
-        return self.path / EVAL_FILE
+        return self.path / records.EVAL_FILE
 
     @property
     def logs_dir(self) -> Path:
-        return self.path / LOGS_DIR
+        return self.path / records.LOGS_DIR
 
     def log(self, proc: str) -> Path:
-        return self.logs_dir / f"{proc}.log"
+        return self.logs_dir / f"{proc}{records.LOG_SUFFIX}"
+
+    def log_names(self) -> list[str]:
+        """Processes that have a log file, in display order."""
+        try:
+            names = [p.name[: -len(records.LOG_SUFFIX)] for p in self.logs_dir.glob(f"*{records.LOG_SUFFIX}")]
+        except OSError:
+            return []
+        return sorted(names, key=records.proc_sort_key)
+
+    @property
+    def rollout_images_dir(self) -> Path:
+        return self.path / records.ROLLOUT_IMAGES_DIR
 
     def rollout_images(self, step: int) -> Path:
-        return self.path / ROLLOUT_IMAGES_DIR / str(step)
+        return self.rollout_images_dir / str(step)
+
+    @property
+    def control_socket(self) -> Path:
+        return self.path / records.CONTROL_SOCKET
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.path / CHECKPOINTS_DIR
+        return self.path / records.CHECKPOINTS_DIR
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / str(step)
@@ -83,9 +90,13 @@ class RunDirectory:
         steps = [
             int(p.name)
             for p in self.checkpoints_dir.iterdir()
-            if p.name.isdigit() and (p / "COMPLETE").exists()
+            if p.name.isdigit() and (p / records.CHECKPOINT_MARKER).exists()
         ]
         return self.checkpoint(max(steps)) if steps else None
+
+    def run_info(self) -> "records.RunInfo | None":
+        """``run.json`` parsed (None while it does not exist); see :meth:`records.RunInfo.read`."""
+        return records.RunInfo.read(self.run_json)
 
     def create(self) -> "RunDirectory":
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -209,36 +220,6 @@ class JsonlTail:
             if isinstance(rec, dict):
                 out.append(rec)
         return out
-
-
-class RunReader:
-    """Incremental view of a run directory for headless mode and the TUI."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.rd = RunDirectory(path)
-        self.metrics_tail = JsonlTail(self.rd.metrics)
-        self.rollouts_tail = JsonlTail(self.rd.rollouts)
-        self._log_tails: dict[str, FileTail] = {}
-
-    def new_metrics(self) -> list[dict[str, Any]]:
-        return self.metrics_tail.read()
-
-    def new_rollouts(self) -> list[dict[str, Any]]:
-        return self.rollouts_tail.read()
-
-    def run_info(self) -> dict[str, Any] | None:
-        return read_json(self.rd.run_json)
-
-    def new_log_lines(self, proc: str) -> list[str]:
-        tail = self._log_tails.get(proc)
-        if tail is None:
-            tail = self._log_tails[proc] = FileTail(self.rd.log(proc))
-        return tail.read_lines()
-
-    def log_names(self) -> list[str]:
-        if not self.rd.logs_dir.is_dir():
-            return []
-        return sorted(p.stem for p in self.rd.logs_dir.glob("*.log"))
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

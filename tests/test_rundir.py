@@ -10,7 +10,6 @@ from backend.rundir import (
     JsonlTail,
     JsonlWriter,
     RunDirectory,
-    RunReader,
     last_lines,
     read_json,
     write_json_atomic,
@@ -63,10 +62,9 @@ def test_atomic_json_and_reader(tmp_path: Path) -> None:
     assert read_json(rd.run_json) == {"status": "done"}
     assert not [p for p in rd.path.iterdir() if p.name.startswith(".run.json")]
     rd.log("server").write_text("one\ntwo\n")
-    r = RunReader(rd.path)
-    assert r.log_names() == ["server"]
-    assert r.new_log_lines("server") == ["one", "two"]
-    assert r.run_info() == {"status": "done"}
+    rd.log("trainer").write_text("three\n")
+    assert rd.log_names() == ["server", "trainer"]
+    assert FileTail(rd.log("server")).read_lines() == ["one", "two"]
     assert last_lines(rd.log("server"), 1) == ["two"]
 
 
