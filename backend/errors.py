@@ -42,3 +42,7 @@ class RequestError(VlmrlError):
         self.status = status
         self.code = code
         super().__init__(message)
+
+
+class WeightSyncError(VlmrlError):
+    """A weight sync failed (peer gone, timeout, rejected request, load error)."""

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from backend.rollout_types import Rollout
-from backend.sampling import banned_token_ids, bias_vector, logit_bias_for, processed_logprobs
+from backend.sampling import banned_token_ids, bias_vector, end_of_turn_ids, logit_bias_for, processed_logprobs
 from environments.base import Environment, Example
 
 
@@ -29,20 +29,6 @@ class _BiasProcessor:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores + self.bias[: scores.shape[-1]].to(scores.dtype)
-
-
-def _end_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in eos if isinstance(eos, (list, tuple)) else [eos]:
-        if isinstance(e, int):
-            ids.add(e)
-    for tok in ("<|im_end|>", getattr(tokenizer, "eos_token", None)):
-        if isinstance(tok, str):
-            tid = tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
-                ids.add(tid)
-    return ids
 
 
 @torch.no_grad()
@@ -79,7 +65,7 @@ def generate(
         enc = processor(**kwargs).to(device)
     finally:
         tok.padding_side = old_side
-    end_ids = _end_ids(model, tok)
+    end_ids = end_of_turn_ids(tok, getattr(model, "generation_config", None))
     gen_kwargs: dict[str, Any] = dict(
         max_new_tokens=max_tokens,
         do_sample=not greedy,

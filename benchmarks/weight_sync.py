@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backend import contract  # noqa: E402
+from backend.net import free_port  # noqa: E402
 from backend.weight_sync import (  # noqa: E402
     WeightSyncClient,
     broadcast,
@@ -73,12 +73,6 @@ RAW_PEER = textwrap.dedent("""
             off += n
     broadcast(pg, torch.zeros(1, dtype=torch.int64)).wait()  # done marker
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_big_model(tiny_dir: Path, out: Path, layers: int, hidden: int, inter: int) -> Path:

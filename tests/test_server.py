@@ -93,13 +93,49 @@ def test_image_completions_match_a_forward_pass(server: ServerProc, trainer_side
 
 
 def test_nucleus_keeps_the_smallest_top_set() -> None:
-    from backend.serve.hf_engine import _nucleus
+    from backend.serve.sampler import _nucleus
 
     probs = torch.tensor([[0.2, 0.5, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25]])
     out = _nucleus(probs, torch.tensor([[0.6], [1.0]]))
     assert out[0].tolist() == pytest.approx([0.0, 0.5, 0.3, 0.0])  # 0.5 < 0.6, so 0.3 joins; then 0.8 >= 0.6
     assert out[1].tolist() == pytest.approx([0.25] * 4)
     assert _nucleus(probs, torch.tensor([[0.01], [0.01]]))[0].tolist() == pytest.approx([0.0, 0.5, 0.0, 0.0])
+
+
+def test_processed_logprobs_take_a_temperature_and_a_bias_per_row() -> None:
+    from backend.sampling import processed_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, generator=g)
+    temps = [0.7, 1.0, 1.3]
+    bias = torch.randn(3, 9, generator=g)  # one row per sequence, longer than the vocabulary
+    batched = processed_logprobs(logits, torch.tensor([[t] for t in temps]), bias)
+    for r, t in enumerate(temps):
+        assert torch.equal(batched[r], processed_logprobs(logits[r], t, bias[r]))
+    assert torch.equal(processed_logprobs(logits, 1.0, bias[0]), processed_logprobs(logits, 1.0, bias[0, :7]))
+
+
+def test_end_of_turn_ids_gather_every_end_token() -> None:
+    from backend.sampling import END_OF_TURN_TOKENS, banned_token_ids, end_of_turn_ids
+
+    class Tok:
+        vocab = {"<|im_end|>": 5, "<|endoftext|>": 6, "</s>": 7}
+        eos_token, eos_token_id, unk_token_id = "</s>", 7, 0
+        added_tokens_decoder = {5: None, 6: None, 7: None, 8: None}
+        all_special_ids = [5, 6, 7, 8]
+
+        def convert_tokens_to_ids(self, tok: str) -> int:
+            return self.vocab.get(tok, self.unk_token_id)
+
+    class GenConfig:
+        eos_token_id = [7, 9]
+
+    assert set(END_OF_TURN_TOKENS) == {"<|im_end|>", "<|endoftext|>"}
+    assert end_of_turn_ids(Tok(), GenConfig()) == {5, 6, 7, 9}
+    assert end_of_turn_ids(Tok()) == {5, 6, 7}
+    Tok.vocab = {"</s>": 7}  # no chat tokens: unknown ids are left out
+    assert end_of_turn_ids(Tok()) == {7}
+    assert banned_token_ids(Tok()) == [5, 6, 8]
 
 
 def test_tiny_top_p_samples_the_top_token_and_reports_untruncated_logprobs(

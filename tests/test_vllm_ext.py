@@ -78,6 +78,23 @@ def test_gpu_argv_uses_nccl_engine_and_tensor_parallel(tmp_path: Path) -> None:
     assert command.server_ranks(cfg2) == 4
 
 
+def test_trainer_sync_group_counts_every_vllm_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backend.train import weight_sync_client
+
+    monkeypatch.delenv(contract.ENV_SERVER_URL, raising=False)
+    tp2 = _cfg(tmp_path, args={"tensor_parallel_size": 2})
+    tp2.trainer.args.sync_port = 29555
+    hf = _cfg(tmp_path, engine="hf")
+    for cfg, world in ((tp2, 3), (hf, 2)):  # the trainer (rank 0) + one rank per server worker
+        client = weight_sync_client(cfg, "cpu", TOKEN)
+        try:
+            assert client.world_size == world, cfg.inference.engine
+            assert client.backend == "gloo" and client.base_url == "http://127.0.0.1:8123"
+            assert client.port == (cfg.trainer.args.sync_port or 0)
+        finally:
+            client.close()
+
+
 def test_reserved_args_are_refused(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, args={"logprobs_mode": "raw_logprobs"})
     with pytest.raises(ConfigError, match="logprobs_mode"):

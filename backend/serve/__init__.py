@@ -11,17 +11,19 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from backend import contract
+from backend import contract, net
 from backend.errors import VlmrlError
+from backend.logs import setup_logging
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from backend.config import VlmrlConfig
 
 log = logging.getLogger("vlmrl.serve")
@@ -29,23 +31,28 @@ log = logging.getLogger("vlmrl.serve")
 __all__ = ["serve_main"]
 
 
-def _setup_logging() -> None:
-    root = logging.getLogger("vlmrl")
-    if not root.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(h)
-        root.setLevel(logging.INFO)
-        root.propagate = False
+def _server_keeping_our_signal_handlers(config: "uvicorn.Config") -> "uvicorn.Server":
+    """A uvicorn server that leaves SIGTERM/SIGINT to :func:`serve_main`'s handlers.
+
+    Private uvicorn API: overrides ``Server.capture_signals``, the context manager ``serve``
+    installs its own handlers with; uvicorn has no option to skip them. They re-raise a
+    caught SIGTERM after shutdown (exit status -15), and we want a clean exit 0 after
+    stopping the engine. Checked on uvicorn 0.54.0.
+    """
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return _Server(config)
 
 
 def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise VlmrlError(f"cannot serve on {host}:{port}: {e.strerror or e} (inference.port)") from None
+    error = net.bind_error(host, port)
+    if error is not None:
+        raise VlmrlError(f"cannot serve on {host}:{port}: {error.strerror or error} (inference.port)")
 
 
 def _device_and_dtype(cfg: "VlmrlConfig") -> tuple[str, str]:
@@ -63,7 +70,7 @@ def _device_and_dtype(cfg: "VlmrlConfig") -> tuple[str, str]:
 
 def serve_main(cfg: "VlmrlConfig") -> int:
     """Run the inference server of ``cfg`` until SIGTERM/SIGINT; return the exit code."""
-    _setup_logging()
+    setup_logging(sys.stderr, timestamps=True)
     if cfg.inference.engine != "hf":
         raise VlmrlError(f"`vlmrl serve` runs the 'hf' engine; engine {cfg.inference.engine!r} is started "
                          "through vLLM's own server (the supervisor does that)")
@@ -86,7 +93,7 @@ def serve_main(cfg: "VlmrlConfig") -> int:
     token = os.environ.get(contract.ENV_RUN_TOKEN) or None
     if token is None:
         log.warning("%s is not set: weight-sync and admin routes will answer 401", contract.ENV_RUN_TOKEN)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not net.is_loopback(host):
         log.warning("serving on %s: reachable beyond this machine (admin routes still need the token)", host)
     device, dtype = _device_and_dtype(cfg)
     args = cfg.inference.args
@@ -111,14 +118,7 @@ def serve_main(cfg: "VlmrlConfig") -> int:
         allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
     )
     app = create_app(engine, token=token, limits=limits)
-    class _Server(uvicorn.Server):
-        # uvicorn re-raises a caught SIGTERM after shutdown (exit status -15); we want a
-        # clean exit 0 after stopping the engine, so signals are handled below instead.
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    server = _Server(uvicorn.Config(
+    server = _server_keeping_our_signal_handlers(uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
         lifespan="off",
     ))

