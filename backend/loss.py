@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from backend import records
+
 LossAgg = Literal["token", "sequence"]
 
 
@@ -86,18 +88,18 @@ class LossStats:
         return self
 
     def summary(self) -> dict[str, float]:
-        """Means per loss token (NaN when there were none)."""
+        """Means per loss token (NaN when there were none), by metrics.jsonl key."""
         n = self.tokens
         mean = (lambda s: s / n) if n else (lambda s: float("nan"))
         return {
-            "ir": mean(self.ratio_sum),
-            "ir_min": self.ratio_min if n else float("nan"),
-            "ir_max": self.ratio_max if n else float("nan"),
-            "clip_frac": mean(self.clipped),
-            "masked_frac": mean(self.masked),
-            "mismatch_kl": mean(self.mismatch_kl_sum),
-            "kl": mean(self.kl_sum),
-            "entropy": mean(self.entropy_sum),
+            records.IR: mean(self.ratio_sum),
+            records.IR_MIN: self.ratio_min if n else float("nan"),
+            records.IR_MAX: self.ratio_max if n else float("nan"),
+            records.CLIP_FRAC: mean(self.clipped),
+            records.MASKED_FRAC: mean(self.masked),
+            records.MISMATCH_KL: mean(self.mismatch_kl_sum),
+            records.KL: mean(self.kl_sum),
+            records.ENTROPY: mean(self.entropy_sum),
         }
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from backend import contract
 from backend.errors import VlmrlError
+from backend.net import probe_http
 from backend.rollout_types import Rollout
 from backend.sampling import logit_bias_for
 from environments.base import Environment, Example
@@ -144,6 +145,9 @@ class RolloutClient:
     sent as ``logit_bias``; the caller gets them from its tokenizer
     (:func:`backend.sampling.banned_token_ids`), the client never loads a model.
     """
+
+    #: the server holds its own copy of the weights: the trainer may ask ahead
+    shares_model = False
 
     def __init__(
         self,
@@ -352,21 +356,12 @@ def wait_for_health(base_url: str, timeout_s: float, *, proc: Any = None, interv
     """
     deadline = time.monotonic() + timeout_s
     url = base_url.rstrip("/") + contract.ROUTE_HEALTH
-    last = "no answer yet"
-    with httpx.Client(timeout=5.0) as client:
-        while True:
-            if proc is not None and proc.poll() is not None:
-                raise RolloutError(f"server process exited with code {proc.returncode} before {url} was healthy")
-            try:
-                r = client.get(url)
-                if r.status_code == 200:
-                    try:
-                        return r.json()
-                    except ValueError:
-                        return {}
-                last = f"HTTP {r.status_code}: {_error_message(r)}"
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}: {e}"
-            if time.monotonic() > deadline:
-                raise RolloutError(f"{url} not healthy after {timeout_s:.0f}s ({last})")
-            time.sleep(interval_s)
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RolloutError(f"server process exited with code {proc.returncode} before {url} was healthy")
+        probe = probe_http(url, timeout_s=5.0)
+        if probe.ok:
+            return probe.json()
+        if time.monotonic() > deadline:
+            raise RolloutError(f"{url} not healthy after {timeout_s:.0f}s ({probe.error})")
+        time.sleep(interval_s)

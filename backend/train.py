@@ -16,12 +16,17 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backend import contract
+from backend import contract, net
 from backend.config import VlmrlConfig
-from backend.errors import ConfigError, VlmrlError
+from backend.errors import ConfigError
+from backend.logs import setup_logging
+from backend.records import TrainerState, line_step
 from backend.rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from backend.weight_sync import WeightSyncClient
 
 log = logging.getLogger("vlmrl.train")
 
@@ -30,16 +35,6 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"max_steps", "save_every", "log_every_steps", "eval_every", "eval_size", "max_concurrent",
      "request_timeout_s", "torch_threads", "sync_port", "run_name", "output_dir", "device"}
 )
-
-
-def _setup_logging() -> None:
-    root = logging.getLogger("vlmrl")
-    if not root.handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        root.addHandler(h)
-        root.setLevel(logging.INFO)
-        root.propagate = False
 
 
 def _sigterm_to_exit(signum: int, frame: Any) -> None:
@@ -56,11 +51,11 @@ def run_identity(cfg: VlmrlConfig) -> dict[str, Any]:
     }
 
 
-def check_resumable(saved: dict[str, Any], cfg: VlmrlConfig, ckpt: Path) -> None:
+def check_resumable(saved: TrainerState, cfg: VlmrlConfig, ckpt: Path) -> None:
     """``ConfigError`` naming the first key that differs from the checkpoint's config."""
     now = run_identity(cfg)
-    then = saved.get("identity")
-    if not isinstance(then, dict):
+    then = saved.identity
+    if then is None:
         return  # a checkpoint written by the Python API without an identity
     if then.get("model") != now["model"]:
         raise ConfigError(None, "model", f"is {now['model']!r} but checkpoint {ckpt} trained {then.get('model')!r}")
@@ -90,7 +85,7 @@ def truncate_jsonl_after(path: Path, step: int) -> int:
         except ValueError:
             dropped += 1  # a partial line from a kill mid-write
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+        if (rec_step := line_step(rec)) is not None and rec_step > step:
             dropped += 1
             continue
         keep.append(line)
@@ -109,7 +104,7 @@ def _reset_run_files(rd: RunDirectory, step: int) -> None:
         n = truncate_jsonl_after(f, step)
         if n:
             log.info("%s: dropped %d line(s) after step %d", f.name, n, step)
-    img_root = rd.rollout_images(0).parent
+    img_root = rd.rollout_images_dir
     if img_root.is_dir():
         for d in img_root.iterdir():
             if d.is_dir() and d.name.isdigit() and int(d.name) > step:
@@ -129,14 +124,26 @@ def _device(pref: str) -> str:
 
 
 def server_url(cfg: VlmrlConfig) -> str:
-    """The inference server's base URL: ``$VLMRL_SERVER_URL`` or ``http://inference.host:port``."""
+    """The inference server's base URL: ``$VLMRL_SERVER_URL`` (the supervisor's) or the config's."""
     env = os.environ.get(contract.ENV_SERVER_URL)
-    if env:
-        return env.rstrip("/")
-    host = cfg.inference.host
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{host}:{cfg.inference.port}"
+    return env.rstrip("/") if env else net.http_url(cfg.inference.host, cfg.inference.port)
+
+
+def weight_sync_client(cfg: VlmrlConfig, device: str, token: str | None) -> "WeightSyncClient":
+    """The trainer's weight-sync client for ``cfg`` (not yet joined; call ``init``).
+
+    The group holds the trainer (rank 0) and every server worker: one for the hf engine,
+    tensor x pipeline x data parallel for vLLM, whose workers each join as a rank.
+    """
+    from backend.vllm_ext.command import server_ranks
+    from backend.weight_sync import WeightSyncClient
+
+    args = cfg.trainer.args
+    return WeightSyncClient(
+        server_url(cfg), token, backend="nccl" if device == "cuda" else "gloo", host="127.0.0.1",
+        port=args.sync_port, bucket_bytes=args.bucket_size_mb << 20, timeout_s=args.request_timeout_s,
+        server_ranks=server_ranks(cfg) if cfg.inference.engine == "vllm" else 1,
+    )
 
 
 def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
@@ -148,11 +155,11 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
     from backend.models import load_model_and_processor
     from backend.rollout import RolloutClient, wait_for_health
     from backend.sampling import banned_token_ids
-    from backend.trainer import MultimodalGRPOTrainer, read_trainer_state
-    from backend.weight_sync import WeightSyncClient, flatten_parameters
+    from backend.checkpoint import read_trainer_state
+    from backend.trainer import MultimodalGRPOTrainer
     from environments import make_env
 
-    _setup_logging()
+    setup_logging(sys.stdout, timestamps=False)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights"/"Writing model shards" bars in trainer.log
@@ -191,23 +198,12 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
     wait_for_health(url, timeout_s=cfg.inference.startup_timeout_s)
     client = RolloutClient(url, banned_ids=banned, max_concurrent=args.max_concurrent,
                            timeout_s=args.request_timeout_s, retries=2)
-    sync_port = args.sync_port or int(os.environ.get(contract.ENV_SYNC_PORT, "0") or 0) or None
-    sync = WeightSyncClient(
-        url, os.environ.get(contract.ENV_RUN_TOKEN), backend="nccl" if device == "cuda" else "gloo",
-        host="127.0.0.1", port=sync_port, bucket_bytes=args.bucket_size_mb << 20,
-        timeout_s=args.request_timeout_s,
-    )
-    try:
-        # One flat buffer: buckets go on the wire straight from the parameters, with no
-        # packing copy (benchmarks/weight_sync.py: 1.1-1.3x a raw broadcast vs 1.5-1.8x).
-        flatten_parameters(model)
-    except ValueError as e:  # e.g. a model spread over several devices
-        print(f"trainer: parameters not flattened ({e}); weight sync packs buckets", flush=True)
+    sync = weight_sync_client(cfg, device, os.environ.get(contract.ENV_RUN_TOKEN))
     trainer = MultimodalGRPOTrainer(
         model, processor, adapter, args, env=env, rollout_source=client, weight_sync=sync, run_dir=rd.path,
         ref_model=ref_model, banned_ids=banned,
     )
-    trainer.extra_state = {"identity": run_identity(cfg)}
+    trainer.identity = run_identity(cfg)
     if ckpt is not None:
         step = trainer.load_checkpoint(ckpt)
         _reset_run_files(rd, step)
@@ -224,15 +220,11 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
     except KeyboardInterrupt:
         print("trainer: interrupted", flush=True)
         return 130
-    except VlmrlError:
-        raise
     finally:
         try:
             sync.close()
         except Exception as e:  # noqa: BLE001 - closing must not hide the real error
             log.warning("closing weight sync: %s", e)
-        close = getattr(client, "close", None)
-        if callable(close):
-            close()
+        client.close()
     print(f"trainer: done, {trainer.step} steps, final checkpoint {rd.checkpoint(trainer.step)}", flush=True)
     return 0

@@ -6,48 +6,50 @@ One step::
     rollouts  = source.collect(env, examples, n=rollouts_per_step, ...)   # server or in-process
     advantages per group (backend/loss.py)
     for each micro-batch: adapter.build_batch -> forward -> grpo_loss -> backward
-    clip grad norm, AdamW step, LR schedule
+    clip grad norm, AdamW step, LR schedule (backend/optim.py)
     every sync_to_vllm_every steps: push weights to the server
-    metrics.jsonl / rollouts.jsonl / rollouts/<step>/*.png / checkpoints/<step>/
+    metrics.jsonl / rollouts.jsonl (backend/rollout_writer.py) / checkpoints (backend/checkpoint.py)
 
 With a server and ``async_level = 1`` the rollouts of step k+1 are generated (by the
 server, on its own core) while step k trains, so they come from the weights of step k-1;
 the importance ratio pi_theta / pi_behaviour and its clipping/masking correct for that.
 The trainer's logprobs use the server's sampling transform (logit bias on banned tokens,
-then temperature), so the ratio compares like with like.
+then temperature; backend/logprobs.py), so the ratio compares like with like.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import inspect
-import json
-import os
 import math
-import random
-import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
+from backend import checkpoint
+from backend import records as rec
 from backend.adapters.base import DroppedRollout, MultimodalAdapter, MultimodalBatch, ProcessorAdapter, iter_chunks
 from backend.config import MultimodalRLConfig
 from backend.errors import VlmrlError
-from backend.loss import LossStats, entropy_from_logprobs, group_advantages, grpo_loss
+from backend.logprobs import token_logprobs
+from backend.loss import LossStats, group_advantages, grpo_loss
+from backend.optim import make_optimizer
 from backend.rollout_types import Rollout
-from backend.rundir import JsonlWriter, RunDirectory, write_json_atomic
-from backend.sampling import banned_token_ids, bias_vector, logit_bias_for, processed_logprobs
+from backend.rollout_writer import RolloutWriter
+from backend.rundir import JsonlWriter, RunDirectory
+from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
 from environments.base import Environment, Example
-
-CHECKPOINT_MARKER = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
 
 
 class RolloutSource(Protocol):
     """Where rollouts come from: ``backend.rollout.RolloutClient`` or an in-process sampler."""
+
+    #: True when it samples with the trainer's own model: the trainer then never asks for
+    #: the next step's rollouts while it trains (they would come from half-updated weights).
+    shares_model: bool
 
     def collect(
         self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float, top_p: float,
@@ -56,73 +58,24 @@ class RolloutSource(Protocol):
 
 
 class WeightSink(Protocol):
-    """Where weights go after an update: ``backend.weight_sync.WeightSyncClient``.
+    """Where weights go after an update: ``backend.weight_sync.WeightSyncClient``."""
 
-    A sink that also has ``reconnect(timeout_s)`` lets the trainer carry on when the
-    server restarts (it then holds its start weights): re-join, push the current weights.
-    """
+    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> Any:
+        """Push the weights as ``version``; raise :class:`VlmrlError` when it fails."""
 
-    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> Any: ...
-
-
-def _accepts_logits_to_keep(model: Any) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    def reconnect(self, timeout_s: float | None = None) -> Any:
+        """Join the server again after it restarted or the sync broke (it then holds its
+        start weights; the trainer pushes its own next)."""
 
 
-def token_logprobs(
-    model: Any,
-    adapter: MultimodalAdapter,
-    batch: MultimodalBatch,
-    *,
-    temperature: float,
-    bias: torch.Tensor | None,
-    with_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token logprobs (and entropies) of ``batch.input_ids`` under the sampling transform.
+@dataclass
+class _Prefetch:
+    """Rollouts asked for ahead, and what the trainer knew when it asked."""
 
-    Returns ``logprobs`` (B, L) with ``logprobs[b, t] = log p(input_ids[b, t] | < t)`` and 0
-    at t = 0, and ``entropy`` (B, L) or None. Only the logits from the first completion
-    position on are materialised (``logits_to_keep``), not the prompt's.
-    """
-    B, L = batch.input_ids.shape
-    start = 0  # first position whose logits are needed
-    if batch.prompt_lengths is not None and B:
-        start = max(int(batch.prompt_lengths.min()) - 1, 0)
-    extra: dict[str, Any] = {}
-    if start > 0 and _accepts_logits_to_keep(model):
-        extra["logits_to_keep"] = L - start
-    else:
-        start = 0
-    logits = adapter.forward(model, batch, **extra, use_cache=False).logits  # (B, L - start, V)
-    lp_full = processed_logprobs(logits[:, :-1], temperature, bias)  # (B, L - start - 1, V)
-    targets = batch.input_ids[:, start + 1 :]  # (B, L - start - 1)
-    chosen = lp_full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, L - start - 1)
-    logprobs = torch.zeros((B, L), dtype=chosen.dtype, device=chosen.device)
-    logprobs[:, start + 1 :] = chosen
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = torch.zeros((B, L), dtype=chosen.dtype, device=chosen.device)
-            entropy[:, start + 1 :] = entropy_from_logprobs(lp_full.detach())
-    return logprobs, entropy
-
-
-def _prompt_text(messages: list[dict[str, Any]]) -> str:
-    parts: list[str] = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            for p in content:
-                if p.get("type") == "text":
-                    parts.append(str(p.get("text", "")))
-                elif p.get("type") == "image":
-                    parts.append("<image>")
-    return " ".join(parts)
+    step: int
+    future: cf.Future[list[Rollout]]
+    floor: int  # the weights version the server had been given: older samples mean a restart
+    rejoins: int  # re-joins done so far: a later one already reacted to this request's failure
 
 
 class MultimodalGRPOTrainer:
@@ -134,6 +87,10 @@ class MultimodalGRPOTrainer:
     ``RolloutClient``; default: in-process sampling with the model itself),
     ``weight_sync`` (a ``WeightSyncClient``), ``run_dir`` (where metrics, rollouts and
     checkpoints go), ``ref_model`` (frozen reference for ``beta > 0``).
+
+    With a ``weight_sync``, the model's parameters are first moved into one flat buffer
+    (values and training unchanged) so buckets go on the wire without a packing copy; that
+    has to happen before the optimizer holds the parameters, which is why it is done here.
     """
 
     def __init__(
@@ -178,27 +135,29 @@ class MultimodalGRPOTrainer:
             self.ref_model.eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        if weight_sync is not None:
+            self._flatten_parameters()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, warmup=config.warmup_steps, total=config.max_steps, kind=config.lr_scheduler_type),
-        )
+        self.optimizer, self.scheduler = make_optimizer(self.params, config)
         self.step = 0  # optimizer steps done
         self.history: list[dict[str, Any]] = []
-        self.extra_state: dict[str, Any] = {}  # saved in every checkpoint's trainer_state.json
+        self.identity: dict[str, Any] | None = None  # saved in each checkpoint: what --resume compares
         self._metrics: JsonlWriter | None = None
-        self._rollouts: JsonlWriter | None = None
+        self._rollout_writer: RolloutWriter | None = None
         # The weights version the server holds, as far as the trainer knows; a rollout
         # sampled with an older one means the server restarted and lost our weights.
         self.server_version = 0
         self.rejoins = 0
-        self._pending_write: cf.Future[None] | None = None
 
     # --- setup ------------------------------------------------------------------------------
+
+    def _flatten_parameters(self) -> None:
+        from backend.weight_sync.layout import try_flatten
+
+        # benchmarks/weight_sync.py: 1.1-1.3x a raw broadcast this way, 1.5-1.8x packing
+        _, why_not = try_flatten(self.model)
+        if why_not:
+            self.log(f"trainer: parameters not flattened ({why_not}); weight sync packs buckets")
 
     def set_environment(self, env: Environment | str, args: dict[str, Any] | None = None) -> None:
         """Train on ``env`` (an Environment or a registry id with ``args``)."""
@@ -278,7 +237,7 @@ class MultimodalGRPOTrainer:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)) if has_data else 0.0
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         if has_data and math.isfinite(grad_norm):
             self.optimizer.step()
         elif has_data:
@@ -288,17 +247,17 @@ class MultimodalGRPOTrainer:
         self.step += 1
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
         return {
-            "loss": loss_sum,
-            "reward_mean": float(rewards.mean()) if len(rewards) else float("nan"),
-            "reward_std": float(rewards.std(unbiased=False)) if len(rewards) else float("nan"),
+            rec.LOSS: loss_sum,
+            rec.REWARD_MEAN: float(rewards.mean()) if len(rewards) else float("nan"),
+            rec.REWARD_STD: float(rewards.std(unbiased=False)) if len(rewards) else float("nan"),
             **stats.summary(),
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "num_rollouts": len(rollouts),
-            "dropped": len(dropped),
-            "loss_tokens": int(denom_tokens),
-            "trained_sequences": int(stats.sequences),
-            "tokens": seq_tokens,
+            rec.GRAD_NORM: grad_norm,
+            rec.LR: lr,
+            rec.NUM_ROLLOUTS: len(rollouts),
+            rec.DROPPED: len(dropped),
+            rec.LOSS_TOKENS: int(denom_tokens),
+            rec.TRAINED_SEQUENCES: int(stats.sequences),
+            rec.TOKENS: seq_tokens,
         }
 
     def sync_weights(self) -> float:
@@ -309,46 +268,47 @@ class MultimodalGRPOTrainer:
         try:
             self._push()
         except VlmrlError as e:
-            if not self._can_rejoin():
-                raise
             self._rejoin(f"weight sync failed ({e})")
         return time.perf_counter() - t0
 
     def _push(self) -> None:
         """Send the current weights as version ``step``; the server then holds them."""
+        assert self.weight_sync is not None
         with torch.no_grad():
-            self.weight_sync.sync(self.named_weights(), version=self.step)  # type: ignore[union-attr]
+            self.weight_sync.sync(self.named_weights(), version=self.step)
         self.server_version = self.step
-
-    def _can_rejoin(self) -> bool:
-        return callable(getattr(self.weight_sync, "reconnect", None))
 
     def _rejoin(self, why: str) -> None:
         """The server restarted or the sync group broke: wait for the server, join it
         again and push the current weights (raises if that fails too)."""
+        assert self.weight_sync is not None
         self.log(f"trainer: {why}; re-joining the server and pushing the weights of step {self.step}")
         t0 = time.perf_counter()
-        self.weight_sync.reconnect(self.config.request_timeout_s)  # type: ignore[union-attr]
+        self.weight_sync.reconnect(self.config.request_timeout_s)
         self._push()
         self.rejoins += 1
         self.log(f"trainer: server holds the weights of step {self.step} again ({time.perf_counter() - t0:.1f}s)")
 
-    def _rollouts_of(self, step: int, pending: cf.Future[list[Rollout]], floor: int, rejoins: int) -> list[Rollout]:
+    def _prefetch(self, step: int) -> _Prefetch:
+        """Ask for the rollouts of ``step`` on a helper thread."""
+        return _Prefetch(step, _in_thread(self._collect, step), self.server_version, self.rejoins)
+
+    def _rollouts_of(self, pending: _Prefetch) -> list[Rollout]:
         """The rollouts ``pending`` brings, or fresh ones if the server lost our weights
-        while sampling them (a restart: it answers with a version below ``floor``).
-        ``rejoins``: :attr:`rejoins` when ``pending`` was sent."""
+        while sampling them (a restart: it answers with a version below ``pending.floor``)."""
+        step = pending.step
         try:
-            rollouts = pending.result()
+            rollouts = pending.future.result()
         except VlmrlError as e:
-            if not self._can_rejoin():
+            if self.weight_sync is None:
                 raise
-            if self.rejoins == rejoins:  # else the server was joined again since: just ask again
+            if self.rejoins == pending.rejoins:  # else the server was joined again since: just ask again
                 self._rejoin(f"rollouts of step {step} failed ({e})")
             return self._collect(step)
-        lost = [r.weight_version for r in rollouts if r.weight_version is not None and r.weight_version < floor]
-        if lost and self._can_rejoin():
+        lost = [r.weight_version for r in rollouts if r.weight_version is not None and r.weight_version < pending.floor]
+        if lost and self.weight_sync is not None:
             self._rejoin(f"rollouts of step {step} came from weights version {min(lost)} but the server "
-                         f"was given version {floor}: it restarted")
+                         f"was given version {pending.floor}: it restarted")
             return self._collect(step)
         return rollouts
 
@@ -366,73 +326,59 @@ class MultimodalGRPOTrainer:
         if self.run_dir is not None:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             self._metrics = JsonlWriter(self.run_dir.metrics)
-            self._rollouts = JsonlWriter(self.run_dir.rollouts)
+            self._rollout_writer = RolloutWriter(self.run_dir)
         self.model.eval()  # no dropout: the server samples without it
         last_saved = None
         # With a server (it holds its own copy of the weights), the next step's rollouts are
         # generated while this step trains: one step off-policy, corrected by the ratio. A
         # source sampling with the trainer's own model stays synchronous.
-        ahead = cfg.async_level > 0 and not getattr(self.rollout_source, "shares_model", False)
-        pending: cf.Future[list[Rollout]] | None = None
-        writer = cf.ThreadPoolExecutor(1, thread_name_prefix="rollout-writer") if self._rollouts is not None else None
-        floor, rejoins = self.server_version, self.rejoins  # when `pending` was sent
+        ahead = cfg.async_level > 0 and not self.rollout_source.shares_model
+        pending: _Prefetch | None = None
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 step = self.step + 1
-                if pending is None:
-                    pending, floor, rejoins = _in_thread(self._collect, step), self.server_version, self.rejoins
-                rollouts = self._rollouts_of(step, pending, floor, rejoins)
-                pending = None
-                if ahead and step < cfg.max_steps:
-                    pending, floor, rejoins = _in_thread(self._collect, step + 1), self.server_version, self.rejoins
+                rollouts = self._rollouts_of(pending or self._prefetch(step))
+                pending = self._prefetch(step + 1) if ahead and step < cfg.max_steps else None
                 t1 = time.perf_counter()
                 metrics = self.train_step(rollouts)
                 t2 = time.perf_counter()
                 sync_s = self.sync_weights() if step % cfg.sync_to_vllm_every == 0 else 0.0
-                # Rollouts (PNGs, JSON) are written by a helper thread while the next step
-                # runs; at most one write is pending, and it is done before a checkpoint.
-                self._drain_writes()
-                if writer is not None:
-                    self._pending_write = writer.submit(self._write_rollouts, step, rollouts)
+                # Rollouts (PNGs, JSON) are written by a helper thread while the next step runs.
+                if self._rollout_writer is not None:
+                    self._rollout_writer.submit(step, rollouts)
                 step_s = time.perf_counter() - t0
-                metrics = {
-                    "step": step,
+                record = rec.MetricRecord(step, {
                     **metrics,
-                    "tokens_per_s": metrics["tokens"] / max(t2 - t1, 1e-9),
-                    "rollout_s": t1 - t0,
-                    "train_s": t2 - t1,
-                    "sync_s": sync_s,
-                    "step_s": step_s,
-                    "time": time.time(),
-                }
-                # JSON has no NaN: a metric with no token to average over (nothing trained) is null
-                metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-                self.history.append(metrics)
+                    rec.TOKENS_PER_S: metrics[rec.TOKENS] / max(t2 - t1, 1e-9),
+                    rec.ROLLOUT_S: t1 - t0,
+                    rec.TRAIN_S: t2 - t1,
+                    rec.SYNC_S: sync_s,
+                    rec.STEP_S: step_s,
+                    rec.TIME: time.time(),
+                })
+                line = record.to_json()  # JSON has no NaN: a metric with no token to average over is null
+                self.history.append(line)
                 if self._metrics is not None:
-                    self._metrics.write(metrics)
+                    self._metrics.write(line)
                 if step % cfg.log_every_steps == 0 or step == cfg.max_steps:
-                    self.log(self.progress_line(metrics))
+                    self.log(self.progress_line(line))
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     self._evaluate(step)
                 if cfg.save_every and step % cfg.save_every == 0 and self.run_dir is not None:
-                    self._drain_writes()
                     self.save_checkpoint()
                     last_saved = step
-            self._drain_writes()
-            done = self.run_dir is not None and (self.run_dir.checkpoint(self.step) / CHECKPOINT_MARKER).exists()
-            if self.run_dir is not None and last_saved != self.step and not done:
+            if self.run_dir is not None and last_saved != self.step and not checkpoint.is_complete(
+                    self.run_dir.checkpoint(self.step)):
                 self.save_checkpoint()
         finally:
             try:
-                self._drain_writes()  # nothing already produced is lost on Ctrl-C or an error
+                if self._rollout_writer is not None:
+                    self._rollout_writer.close()  # nothing already produced is lost on Ctrl-C or an error
             finally:
-                if writer is not None:
-                    writer.shutdown(wait=True)
-            for w in (self._metrics, self._rollouts):
-                if w is not None:
-                    w.close()
-            self._metrics = self._rollouts = None
+                if self._metrics is not None:
+                    self._metrics.close()
+                self._metrics = self._rollout_writer = None
         return self.history
 
     def _collect(self, step: int) -> list[Rollout]:
@@ -449,15 +395,7 @@ class MultimodalGRPOTrainer:
 
     def progress_line(self, m: dict[str, Any]) -> str:
         """``step 12/100 reward=0.62 loss=0.045 ir=1.02 ent=2.34 kl=0.010 0.41s/it`` (``-``: no value)."""
-
-        def f(key: str, spec: str) -> str:
-            v = m.get(key)
-            return "-" if v is None else format(v, spec)
-
-        return (
-            f"step {m['step']}/{self.config.max_steps} reward={f('reward_mean', '.2f')} loss={f('loss', '.3f')} "
-            f"ir={f('ir', '.2f')} ent={f('entropy', '.2f')} kl={f('kl', '.3f')} {m['step_s']:.2f}s/it"
-        )
+        return rec.step_line(m, self.config.max_steps, missing="-")
 
     def _evaluate(self, step: int) -> None:
         from backend.evaluate import greedy_accuracy
@@ -467,126 +405,28 @@ class MultimodalGRPOTrainer:
         self.log(f"eval step {step}: accuracy {res['accuracy']:.3f} on {res['n']} held-out prompts")
         if self.run_dir is not None:
             with JsonlWriter(self.run_dir.eval) as w:
-                w.write({"step": step, "accuracy": res["accuracy"], "n": res["n"], "time": time.time()})
-
-    def _drain_writes(self) -> None:
-        """Wait for the pending rollout write (raising its error, if any)."""
-        pending, self._pending_write = self._pending_write, None
-        if pending is not None:
-            pending.result()
-
-    def _write_rollouts(self, step: int, rollouts: Sequence[Rollout]) -> None:
-        if self._rollouts is None or self.run_dir is None:
-            return
-        img_dir = self.run_dir.rollout_images(step)
-        saved: dict[tuple[str, int], list[str]] = {}
-        for r in rollouts:
-            key = (r.example_id, r.group)
-            if key not in saved:
-                names: list[str] = []
-                for k, img in enumerate(r.images):
-                    img_dir.mkdir(parents=True, exist_ok=True)
-                    name = f"{r.example_id}-{k}.png"
-                    img.save(img_dir / name)
-                    names.append(f"{img_dir.parent.name}/{step}/{name}")  # relative to the run dir
-                saved[key] = names
-            self._rollouts.write(
-                {
-                    "step": step,
-                    "example_id": r.example_id,
-                    "group": r.group,
-                    "index": r.index,
-                    "prompt": _prompt_text(r.messages),
-                    "completion": r.completion,
-                    "reward": r.reward,
-                    "parts": r.reward_parts,
-                    "advantage": r.advantage,
-                    "answer": r.answer if isinstance(r.answer, (str, int, float, bool, type(None))) else str(r.answer),
-                    "finish_reason": r.finish_reason,
-                    "weight_version": r.weight_version,
-                    "images": saved[key],
-                }
-            )
+                w.write(rec.EvalRecord(step, res["accuracy"], res["n"], time.time()).to_json())
 
     # --- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/<step>/``: weights, processor, optimizer, scheduler, RNG, step.
 
-        The ``COMPLETE`` marker is written last; a checkpoint without it is ignored.
+        Pending rollout writes are finished first, so the checkpoint's run directory is whole.
         """
         assert self.run_dir is not None, "save_checkpoint needs a run_dir"
-        final = self.run_dir.checkpoint(self.step)
-        path = final.with_name(f".{final.name}.tmp")  # written whole, then renamed into place
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        self.model.save_pretrained(path)
-        if hasattr(self.processor, "save_pretrained"):
-            self.processor.save_pretrained(path)
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            path / "optimizer.pt",
-        )
-        torch.save(
-            {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "numpy": _numpy_rng_state(),
-            },
-            path / "rng.pt",
-        )
-        write_json_atomic(
-            path / TRAINER_STATE,
-            {"step": self.step, "config": self.config.model_dump(mode="json"), **self.extra_state},
-        )
-        (path / CHECKPOINT_MARKER).write_text(f"{self.step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(path, final)
-        self.log(f"checkpoint step {self.step}: {final}")
-        return final
+        if self._rollout_writer is not None:
+            self._rollout_writer.drain()
+        state = rec.TrainerState(self.step, self.config.model_dump(mode="json"), self.identity)
+        path = checkpoint.save_checkpoint(self.run_dir, self.model, self.processor, self.optimizer, self.scheduler,
+                                          state)
+        self.log(f"checkpoint step {self.step}: {path}")
+        return path
 
     def load_checkpoint(self, path: str | Path) -> int:
         """Restore weights, optimizer, scheduler, RNG and step from ``path``; returns the step."""
-        path = Path(path)
-        if not (path / CHECKPOINT_MARKER).exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
-        from safetensors.torch import load_file
-
-        state: dict[str, torch.Tensor] = {}
-        for f in sorted(path.glob("*.safetensors")):
-            state.update(load_file(str(f), device=str(self.device)))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not _is_tied(self.model, k)]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path}: missing {missing[:5]} unexpected {unexpected[:5]}")
-        opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng.get("numpy") is not None:
-            import numpy as np
-
-            np.random.set_state(rng["numpy"])
-        self.step = int(json.loads((path / TRAINER_STATE).read_text())["step"])
+        self.step = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         return self.step
-
-
-def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
-    """The learning-rate multiplier of optimizer step ``step`` (0-based): linear warmup over
-    ``warmup`` steps, then constant, or decayed linearly / by a half cosine to 0 at ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(max((step - warmup) / max(1, total - warmup), 0.0), 1.0)
-    if kind == "linear":
-        return 1.0 - progress
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr_scheduler_type {kind!r}")
 
 
 def _in_thread(fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
@@ -605,29 +445,9 @@ def _in_thread(fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
     return fut
 
 
-def _is_tied(model: Any, key: str) -> bool:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return key in tied and bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-
-
-def _numpy_rng_state() -> Any:
-    try:
-        import numpy as np
-
-        return np.random.get_state()
-    except ImportError:  # pragma: no cover
-        return None
-
-
-def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    """The ``trainer_state.json`` of a checkpoint."""
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
-
-
 __all__ = [
     "MultimodalGRPOTrainer",
     "RolloutSource",
     "WeightSink",
-    "read_trainer_state",
     "token_logprobs",
 ]

@@ -37,8 +37,11 @@ def make_env(env_id: str, args: dict[str, Any] | None = None) -> Environment:
 
 
 def _load_builtin() -> None:
-    # Importing registers them; deferred so `import environments` stays cheap.
-    from environments import colors  # noqa: F401
+    # Deferred so `import environments` stays cheap (the built-ins import numpy and PIL).
+    if "colors" not in _REGISTRY:
+        from environments import colors
+
+        _REGISTRY["colors"] = colors.make_colors
 
 
 __all__ = ["Environment", "Example", "Score", "register", "available", "make_env"]

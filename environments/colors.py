@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from environments import register
 from environments.base import Environment, Example, Score
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -102,6 +101,6 @@ class ColorsEnv(Environment):
         return Score(reward=correct, parts={"correct": correct, "is_color": float(word in PALETTE)})
 
 
-@register("colors")
 def make_colors(**kwargs: Any) -> ColorsEnv:
+    """The ``colors`` environment with ``[env.args]`` (registered by :mod:`environments`)."""
     return ColorsEnv(**kwargs)

@@ -20,7 +20,7 @@ from backend.adapters import (
 )
 from backend.errors import ModelError
 from backend.evaluate import generate
-from backend.loss import grpo_loss
+from backend.loss import group_advantages, grpo_loss
 from backend.rollout_types import Rollout
 from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
 from backend.trainer import token_logprobs
@@ -70,6 +70,9 @@ def _rollouts(model: Any, processor: Any, temperature: float = 1.0, n: int = 2, 
             out.append(Rollout(example_id=ex_id, group=g, messages=messages, images=images, completion="",
                                completion_ids=ids, behavior_logprobs=lps, finish_reason=reason,
                                reward=float(k % 2), index=len(out)))
+    adv = group_advantages(torch.tensor([r.reward for r in out]), torch.tensor([r.group for r in out]))
+    for r, a in zip(out, adv.tolist()):
+        r.advantage = a
     return out
 
 
@@ -184,7 +187,7 @@ def test_overlong_and_empty_rollouts_are_dropped_with_a_reason(
     limit = max(v for k, v in lengths.items() if k != "two")
     assert lengths["two"] > limit
     rollouts.append(Rollout(example_id="empty", group=3, messages=rollouts[0].messages, images=rollouts[0].images,
-                            completion="", completion_ids=[], behavior_logprobs=[], index=99))
+                            completion="", completion_ids=[], behavior_logprobs=[], index=99, advantage=0.0))
     short = adapter_for(model.config, processor=processor, max_length=limit)
     with caplog.at_level(logging.WARNING, logger="vlmrl.adapters"):
         batch = short.build_batch(rollouts)
@@ -198,6 +201,14 @@ def test_overlong_and_empty_rollouts_are_dropped_with_a_reason(
         assert int(batch.attention_mask[b].sum()) == lengths[ex]
 
 
+def test_a_rollout_without_an_advantage_is_refused_by_name(family_model: tuple[str, Any, Any]) -> None:
+    _, model, processor = family_model
+    rollouts = _rollouts(model, processor, n=1)
+    rollouts[1].advantage = None
+    with pytest.raises(ValueError, match=rf"rollout {rollouts[1].example_id} \(#1\) has no advantage"):
+        adapter_for(model.config, processor=processor).build_batch(rollouts)
+
+
 def test_a_prompt_whose_images_do_not_match_its_placeholders_is_dropped(
     family_model: tuple[str, Any, Any],
 ) -> None:
@@ -205,7 +216,7 @@ def test_a_prompt_whose_images_do_not_match_its_placeholders_is_dropped(
     (ex_id, messages, images) = _prompts()[0]
     extra = _img(64, 64, (0, 0, 0))
     r = Rollout(example_id="mismatch", group=0, messages=messages, images=[*images, extra], completion="x",
-                completion_ids=[5], behavior_logprobs=[-1.0])
+                completion_ids=[5], behavior_logprobs=[-1.0], advantage=0.0)
     batch = adapter_for(model.config, processor=processor).build_batch([r])
     assert len(batch) == 0 and batch.dropped and batch.dropped[0].example_id == "mismatch"
 
@@ -215,7 +226,7 @@ def test_text_only_prompt_builds_a_batch_without_pixels(tiny_model_factory: Call
     messages = [{"role": "user", "content": [{"type": "text", "text": "Say a colour."}]}]
     ((ids, lps, _),) = generate(model, processor, [(messages, [])], max_tokens=3)
     r = Rollout(example_id="t", group=0, messages=messages, images=[], completion="", completion_ids=ids,
-                behavior_logprobs=lps)
+                behavior_logprobs=lps, advantage=0.0)
     adapter = adapter_for(model.config, processor=processor)
     batch = adapter.build_batch([r])
     assert batch.pixel_values is None and "image_grid_thw" not in batch.extra_model_kwargs

@@ -17,7 +17,9 @@ from backend.evaluate import InProcessRolloutSource
 from backend.rollout_types import Rollout
 from backend.rundir import RunDirectory, read_jsonl
 from backend.train import check_resumable, run_identity, truncate_jsonl_after
-from backend.trainer import MultimodalGRPOTrainer, read_trainer_state
+from backend.checkpoint import read_trainer_state
+from backend.records import TrainerState
+from backend.trainer import MultimodalGRPOTrainer
 from environments import make_env
 
 METRIC_KEYS = {
@@ -56,6 +58,9 @@ class RecordingSync:
     def sync(self, named_tensors: Any, version: int) -> None:
         self.names = [n for n, _ in named_tensors]
         self.versions.append(version)
+
+    def reconnect(self, timeout_s: float | None = None) -> None:
+        raise AssertionError("no sync fails here: nothing to re-join")
 
 
 def _fixed_rollouts(trainer: MultimodalGRPOTrainer, step: int = 1) -> list[Rollout]:
@@ -172,7 +177,7 @@ def test_train_writes_metrics_rollouts_images_and_checkpoints(tiny_model_dir: Pa
     rollouts = list(read_jsonl(rd.rollouts))
     assert len(rollouts) == 4 * 8
     r0 = rollouts[0]
-    assert {"step", "prompt", "completion", "reward", "parts", "advantage", "images"} <= r0.keys()
+    assert {"step", "prompt", "completion", "reward", "reward_parts", "advantage", "images"} <= r0.keys()
     assert "colour" in r0["prompt"] and r0["images"] and (tmp_path / r0["images"][0]).is_file()
     assert r0["images"][0].startswith("rollouts/1/")
     assert sorted(int(p.name) for p in rd.checkpoints_dir.iterdir()) == [2, 4]
@@ -191,7 +196,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_step(tiny_mode
     tr = _trainer(tiny_model_dir, _cfg(max_steps=2), run_dir=tmp_path)
     tr.train()
     ckpt = RunDirectory(tmp_path).latest_checkpoint()
-    assert ckpt is not None and read_trainer_state(ckpt)["step"] == 2
+    assert ckpt is not None and read_trainer_state(ckpt).step == 2
     tr2 = _trainer(tiny_model_dir, _cfg(max_steps=2))
     assert tr2.load_checkpoint(ckpt) == 2
     for (n, a), (_, b) in zip(tr.model.named_parameters(), tr2.model.named_parameters()):
@@ -217,6 +222,7 @@ class DroppingSource:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.shares_model = inner.shares_model
 
     def collect(self, env: Any, examples: Sequence[Any], n: int, **kw: Any) -> list[Rollout]:
         rs = self.inner.collect(env, examples, n, **kw)
@@ -251,7 +257,7 @@ def test_warmup_ramps_the_learning_rate(tiny_model_dir: Path) -> None:
 
 
 def test_lr_schedules_after_warmup() -> None:
-    from backend.trainer import lr_factor
+    from backend.optim import lr_factor
 
     lin = [lr_factor(s, warmup=2, total=6, kind="linear") for s in range(6)]
     assert lin == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
@@ -286,7 +292,7 @@ def _vcfg(**args: Any) -> Any:
 
 
 def test_resume_accepts_more_steps_but_not_another_learning_rate() -> None:
-    saved = {"identity": run_identity(_vcfg())}
+    saved = TrainerState(step=5, identity=run_identity(_vcfg()))
     check_resumable(saved, _vcfg(max_steps=50, save_every=5), Path("ckpt"))
     with pytest.raises(ConfigError, match="trainer.args.learning_rate"):
         check_resumable(saved, _vcfg(learning_rate=1e-3), Path("ckpt"))
@@ -310,6 +316,8 @@ def test_eval_prints_held_out_greedy_accuracy(tiny_model_dir: Path, tmp_path: Pa
 
 class ReplaySource:
     """A remote-like source (it does not share the trainer's model): replays prepared rollouts."""
+
+    shares_model = False
 
     def __init__(self, by_step: dict[int, list[Rollout]], events: list[str]) -> None:
         self.by_step = by_step

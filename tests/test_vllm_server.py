@@ -104,7 +104,7 @@ class SupervisedServer:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[SupervisedServer]:
     from backend.config import validate_config
-    from vlmrl_tui.plan import free_port
+    from backend.net import free_port
 
     tmp = tmp_path_factory.mktemp("vllm-server")
     cfg = validate_config(vllm_config(free_port(), tmp))
@@ -157,6 +157,8 @@ def _client(url: str, banned: list[int]) -> Any:
 def _trainer_logprobs(ts: dict[str, Any], rollouts: list[Any], temperature: float) -> tuple[torch.Tensor, Any]:
     from backend.trainer import token_logprobs
 
+    for r in rollouts:
+        r.advantage = 0.0  # logprobs only: no loss is computed
     batch = ts["adapter"].build_batch(rollouts)
     assert not batch.dropped, batch.dropped
     with torch.no_grad():
@@ -166,6 +168,8 @@ def _trainer_logprobs(ts: dict[str, Any], rollouts: list[Any], temperature: floa
 
 def _trainer_greedy_agrees(ts: dict[str, Any], rollouts: list[Any]) -> bool:
     """Every server token of greedy rollouts is the trainer's argmax (biased logits) there."""
+    for r in rollouts:
+        r.advantage = 0.0  # logits only: no loss is computed
     batch = ts["adapter"].build_batch(rollouts)
     with torch.no_grad():
         logits = ts["model"](**ts["adapter"].model_inputs(batch), use_cache=False).logits.float()

@@ -29,7 +29,7 @@ def colors_tiny_config(path: Path, *, port: int, output_dir: Path, run_name: str
 
 def train_env() -> dict[str, str]:
     env = dict(os.environ)
-    for var in (contract.ENV_RUN_DIR, contract.ENV_SERVER_URL, contract.ENV_SYNC_PORT):
+    for var in (contract.ENV_RUN_DIR, contract.ENV_SERVER_URL):
         env.pop(var, None)  # the config alone says where the server and the run directory are
     env[contract.ENV_RUN_TOKEN] = TOKEN
     env["OMP_NUM_THREADS"] = "1"

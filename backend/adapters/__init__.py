@@ -5,19 +5,21 @@ model's ``model_type`` unless a name (``trainer.args.adapter``) is given.
 """
 
 from backend.adapters.base import (
-    ADAPTERS,
     DroppedRollout,
     MultimodalAdapter,
     MultimodalBatch,
     ProcessorAdapter,
     PromptEncoding,
+)
+from backend.adapters.llava import LlavaAdapter
+from backend.adapters.qwen import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter, QwenVLAdapter
+from backend.adapters.registry import (
+    ADAPTERS,
     adapter_class_for,
     adapter_for,
     available_adapters,
     register_adapter,
 )
-from backend.adapters.llava import LlavaAdapter
-from backend.adapters.qwen import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter, QwenVLAdapter
 
 __all__ = [
     "ADAPTERS",

@@ -24,8 +24,6 @@ from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 
-from backend.errors import ModelError
-from backend.loss import group_advantages
 from backend.rollout_types import Rollout
 
 log = logging.getLogger("vlmrl.adapters")
@@ -231,13 +229,15 @@ class ProcessorAdapter(MultimodalAdapter):
         return [r for r, _ in kept], dropped
 
     def build_batch(self, rollouts: Sequence[Rollout]) -> MultimodalBatch:
+        missing = [r for r in rollouts if r.advantage is None]
+        if missing:
+            r = missing[0]
+            raise ValueError(
+                f"rollout {r.example_id} (#{r.index}) has no advantage: set them first "
+                "(MultimodalGRPOTrainer.compute_advantages, or backend.loss.group_advantages)")
         kept, dropped = self._encode_all(rollouts)
         rewards = torch.tensor([r.reward for r, _ in kept], dtype=torch.float32)  # (B,)
-        if all(r.advantage is not None for r, _ in kept):
-            advantages = torch.tensor([float(r.advantage) for r, _ in kept], dtype=torch.float32)  # type: ignore[arg-type]
-        else:
-            groups = torch.tensor([r.group for r, _ in kept], dtype=torch.long)
-            advantages = group_advantages(rewards, groups) if kept else torch.zeros(0)
+        advantages = torch.tensor([float(r.advantage) for r, _ in kept], dtype=torch.float32)  # type: ignore[arg-type]
         B = len(kept)
         L = max((e.input_ids.numel() + len(r.completion_ids) for r, e in kept), default=0)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
@@ -276,7 +276,7 @@ class ProcessorAdapter(MultimodalAdapter):
             loss_mask=loss_mask,
             behavior_logprobs=behavior,
             rewards=rewards,
-            advantages=advantages.float(),
+            advantages=advantages,
             pixel_values=pixel_values,
             extra_model_kwargs={**image_extra, **token_extra},
             prompt_lengths=prompt_lengths,
@@ -285,68 +285,6 @@ class ProcessorAdapter(MultimodalAdapter):
             indices=[r.index for r, _ in kept],
             dropped=dropped,
         )
-
-
-# --- registry -------------------------------------------------------------------------------
-
-ADAPTERS: dict[str, type[MultimodalAdapter]] = {}
-
-
-def register_adapter(cls: type[MultimodalAdapter]) -> type[MultimodalAdapter]:
-    """Class decorator: make ``cls`` findable by its name and model types."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    ADAPTERS[cls.name] = cls
-    return cls
-
-
-def _model_type(model_config: Any) -> str | None:
-    if model_config is None:
-        return None
-    if isinstance(model_config, str):
-        return model_config
-    if isinstance(model_config, dict):
-        return model_config.get("model_type")
-    return getattr(model_config, "model_type", None)
-
-
-def adapter_class_for(model_config: Any, name: str | None = None) -> type[MultimodalAdapter]:
-    """The adapter class named ``name``, else the one serving the config's ``model_type``."""
-    _load_builtin()
-    if name:
-        key = name.strip().lower().replace("_", "-")
-        if key in ADAPTERS:
-            return ADAPTERS[key]
-        raise ModelError(f"unknown adapter {name!r}; available: {', '.join(sorted(ADAPTERS))}")
-    mtype = _model_type(model_config)
-    for cls in ADAPTERS.values():
-        if mtype in cls.model_types:
-            return cls
-    served = sorted(t for c in ADAPTERS.values() for t in c.model_types)
-    raise ModelError(
-        f"no adapter for model_type {mtype!r} (served: {', '.join(served)}); "
-        "set trainer.args.adapter or register one with backend.adapters.register_adapter"
-    )
-
-
-def adapter_for(model_config: Any, name: str | None = None, *, processor: Any, **kwargs: Any) -> MultimodalAdapter:
-    """Build the adapter for a model: by ``name`` if given, else by ``model_config.model_type``.
-
-    ``kwargs`` (e.g. ``max_length``) go to the adapter's constructor.
-    """
-    cls = adapter_class_for(model_config, name)
-    if issubclass(cls, ProcessorAdapter):
-        return cls(processor, model_config=model_config if not isinstance(model_config, str) else None, **kwargs)
-    return cls(processor, **kwargs)  # type: ignore[call-arg]
-
-
-def available_adapters() -> list[str]:
-    _load_builtin()
-    return sorted(ADAPTERS)
-
-
-def _load_builtin() -> None:
-    from backend.adapters import llava, qwen  # noqa: F401  (importing registers them)
 
 
 def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -7,10 +7,9 @@ batch (LLaVA-NeXT: ``(images, patches, C, H, W)`` with ``image_sizes`` (images, 
 
 from __future__ import annotations
 
-from backend.adapters.base import ProcessorAdapter, PromptEncoding, register_adapter
+from backend.adapters.base import ProcessorAdapter, PromptEncoding
 
 
-@register_adapter
 class LlavaAdapter(ProcessorAdapter):
     name = "llava"
     model_types = ("llava", "llava_next")

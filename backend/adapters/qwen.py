@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from backend.adapters.base import MultimodalBatch, ProcessorAdapter, PromptEncoding, register_adapter
+from backend.adapters.base import MultimodalBatch, ProcessorAdapter, PromptEncoding
 
 
 class QwenVLAdapter(ProcessorAdapter):
@@ -81,19 +81,16 @@ def _takes_encoder_outputs(model: Any) -> bool:
         return False
 
 
-@register_adapter
 class Qwen2VLAdapter(QwenVLAdapter):
     name = "qwen2-vl"
     model_types = ("qwen2_vl",)
 
 
-@register_adapter
 class Qwen25VLAdapter(QwenVLAdapter):
     name = "qwen2.5-vl"
     model_types = ("qwen2_5_vl",)
 
 
-@register_adapter
 class Qwen3VLAdapter(QwenVLAdapter):
     name = "qwen3-vl"
     model_types = ("qwen3_vl", "qwen3_vl_moe")
