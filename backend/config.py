@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backend.errors import ConfigError
+from backend.net import connect_host
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,6 +59,16 @@ class EnvConfig(BaseModel):
 RestartPolicy = Literal["never", "on-failure"]
 
 
+class RestartSettings(BaseModel):
+    """How the supervisor restarts a process that dies unexpectedly (``[inference]`` and
+    ``[trainer]`` take these keys; each sets its own defaults)."""
+
+    model_config = _CONFIG
+    restart: RestartPolicy = Field("never", description="never, or on-failure (with exponential backoff)")
+    max_restarts: int = Field(0, ge=0, description="restarts allowed before the run fails")
+    restart_backoff_s: float = Field(2.0, ge=0, description="delay before the first restart; doubles each time")
+
+
 class InferenceArgs(BaseModel):
     """``[inference.args]``: passed to the engine. Unknown keys are kept for vLLM only."""
 
@@ -85,7 +96,7 @@ class InferenceArgs(BaseModel):
         return v
 
 
-class InferenceConfig(BaseModel):
+class InferenceConfig(RestartSettings):
     """``[inference]``: the inference server process."""
 
     model_config = _CONFIG
@@ -95,9 +106,9 @@ class InferenceConfig(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     python: str | None = Field(None, description="python of the venv that has vLLM (engine='vllm')")
     startup_timeout_s: float = Field(600.0, gt=0)
+    # a restarted server gets the trainer's current weights pushed again: restart it by default
     restart: RestartPolicy = "on-failure"
     max_restarts: int = Field(2, ge=0)
-    restart_backoff_s: float = Field(2.0, ge=0)
     args: InferenceArgs = Field(default_factory=InferenceArgs)
 
 
@@ -169,14 +180,11 @@ class MultimodalRLConfig(BaseModel):
         return self.batch_size // self.rollouts_per_step
 
 
-class TrainerConfig(BaseModel):
+class TrainerConfig(RestartSettings):
     """``[trainer]``: the trainer process."""
 
     model_config = _CONFIG
     gpus: int = Field(0, ge=0, description="GPUs for the trainer (0 = CPU)")
-    restart: RestartPolicy = "never"
-    max_restarts: int = Field(0, ge=0)
-    restart_backoff_s: float = Field(2.0, ge=0)
     args: MultimodalRLConfig = Field(default_factory=MultimodalRLConfig)
 
 
@@ -266,9 +274,9 @@ def _map_legacy(data: dict[str, Any]) -> None:
             table, key = new.split(".")
             inf = data.setdefault(table, {})
             if isinstance(inf, dict):
-                if key == "host" and value in ("0.0.0.0", "::"):
+                if key == "host" and isinstance(value, str):
                     # vf-rl users wrote 0.0.0.0 as the client's target; admin routes stay on loopback.
-                    value = "127.0.0.1"
+                    value = connect_host(value)
                 inf.setdefault(key, value)
 
 

@@ -43,7 +43,5 @@ TOKEN_HEADER = "Authorization"  # "Bearer <token>"
 # --- environment variables shared by supervisor, server and trainer ---
 ENV_RUN_TOKEN = "VLMRL_RUN_TOKEN"
 ENV_RUN_DIR = "VLMRL_RUN_DIR"
-ENV_CONFIG = "VLMRL_CONFIG"
-ENV_SYNC_PORT = "VLMRL_SYNC_PORT"  # weight-sync rendezvous port (trainer hosts it)
 ENV_SERVER_URL = "VLMRL_SERVER_URL"
 ENV_MODEL_CACHE = "VLMRL_CACHE_DIR"  # where builtin:tiny-* models are built

@@ -101,7 +101,7 @@ class Server:
 def bench_engine(engine: str, model: str, a: argparse.Namespace, workdir: Path, banned: list[int]) -> dict[str, Any]:
     from backend.rollout import RolloutClient
     from environments import make_env
-    from vlmrl_tui.plan import free_port
+    from backend.net import free_port
 
     cfg = _config(engine, model, free_port(), a, workdir / "runs")
     server = Server(cfg, workdir)

@@ -42,11 +42,12 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.rundir import RunDirectory, read_json, write_json_atomic  # noqa: E402
+from backend.records import PROC_TRAINER, RUNNING, RunInfo  # noqa: E402
+from backend.rundir import RunDirectory, write_json_atomic  # noqa: E402
 from vlmrl_tui.app import VlmrlApp  # noqa: E402
-from vlmrl_tui.panes.feed import LogChunk, RunUpdate, display_path  # noqa: E402
+from vlmrl_tui.watch import LogChunk, RunUpdate, display_path  # noqa: E402
 from vlmrl_tui.panes.logs import LogView  # noqa: E402
-from vlmrl_tui.plan import free_port  # noqa: E402
+from backend.net import free_port  # noqa: E402
 
 SIZE = (130, 42)
 PROC = psutil.Process()
@@ -153,7 +154,7 @@ async def _ingest_direct(app: VlmrlApp, pool: list[str], batch: int) -> tuple[fl
 async def _ingest_from_file(tmp: Path, total: int) -> float:
     """Lines appended to logs/trainer.log by a writer thread, until the pane has them all."""
     rd = RunDirectory(tmp / "run").create()
-    write_json_atomic(rd.run_json, {"name": "bench", "status": "running", "processes": {}})
+    write_json_atomic(rd.run_json, RunInfo(name="bench", status="running").to_json())
     rd.log("trainer").touch()
     data = ("\n".join(make_lines(0, total)) + "\n").encode()
     app = VlmrlApp(rd.path, gpu=False, poll_s=0.1)
@@ -208,7 +209,8 @@ async def _memory(app: VlmrlApp, total: int, batch: int) -> dict[str, float]:
 FAKE_RUN = r"""
 import asyncio, sys
 from backend.config import validate_config
-from vlmrl_tui.plan import build_plan, free_port
+from backend.net import free_port
+from vlmrl_tui.plan import build_plan
 from vlmrl_tui.supervisor import Supervisor
 out, fixtures, step_time = sys.argv[1:4]
 port = free_port()
@@ -247,9 +249,10 @@ async def bench_idle(kind: str, seconds: float, step_time: float, warmup_s: floa
         try:
             deadline = time.time() + 600
             while time.time() < deadline:
-                info = read_json(run_dir / "run.json") or {}
-                trainer = info.get("processes", {}).get("trainer", {})
-                if trainer.get("status") == "running" and (run_dir / "metrics.jsonl").exists():
+                rd = RunDirectory(run_dir)
+                info = rd.run_info()
+                trainer = info.proc(PROC_TRAINER) if info is not None else None
+                if trainer is not None and trainer.status == RUNNING and rd.metrics.exists():
                     break
                 if proc.poll() is not None:
                     raise RuntimeError(f"the run ended early: {(Path(tmp) / 'supervisor.out').read_text()[-2000:]}")

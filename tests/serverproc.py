@@ -7,7 +7,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +18,9 @@ import torch
 from PIL import Image
 
 from backend import contract
+from backend.net import free_port
 from backend.rollout import wait_for_health
 from backend.sampling import bias_vector, processed_logprobs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(path: Path, *, port: int, model: str = "builtin:tiny-qwen3-vl", **inference_args: Any) -> Path:

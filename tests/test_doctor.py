@@ -19,7 +19,7 @@ from fake_nvml import make_fake_nvml  # noqa: E402
 from backend.config import validate_config  # noqa: E402
 from vlmrl_tui.doctor import FAIL, OK, WARN, CheckResult, check_model, doctor_main, format_check, run_checks  # noqa: E402
 from vlmrl_tui.gpu import Nvml  # noqa: E402
-from vlmrl_tui.plan import free_port  # noqa: E402
+from backend.net import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)

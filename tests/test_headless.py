@@ -55,7 +55,7 @@ def test_dry_run_prints_commands_and_environment_and_masks_the_token(tmp_path: P
     out = r.stdout
     assert "vlmrl_tui.cli serve" in out and "vlmrl_tui.cli train" in out
     assert str(tmp_path / "runs" / "dry" / "config.toml") in out
-    assert "NCCL_P2P_DISABLE=1" in out and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in out and "MASTER_PORT=" in out
+    assert "NCCL_P2P_DISABLE=1" in out and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in out and "weight-sync port" in out
     token_line = next(ln for ln in out.splitlines() if "VLMRL_RUN_TOKEN=" in ln)
     assert token_line.strip() == "VLMRL_RUN_TOKEN=******** (fresh per run)"
     assert "health   http://127.0.0.1:8000/health" in out
@@ -230,3 +230,18 @@ def test_headless_modules_never_import_textual_or_torch() -> None:
     r = subprocess.run([sys.executable, "-c", HYGIENE], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_attach_to_a_run_json_of_another_version_says_so_in_one_line(tmp_path: Path) -> None:
+    from backend.records import RunInfo
+
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    data = RunInfo(name="old", status="completed").to_json()
+    data["version"] = 1
+    (run_dir / "run.json").write_text(json.dumps(data))
+    r = _cli("attach", str(run_dir))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and "schema version 1, written by an older vlmrl" in r.stderr
+    r = _cli("run", "configs/colors-tiny.toml", "--output-dir", str(tmp_path), "--name", "old", "--resume")
+    assert r.returncode == 2 and "written by an older vlmrl" in r.stderr and "Traceback" not in r.stderr

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from backend.config import read_toml
-from vlmrl_tui.plan import free_port
+from backend.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

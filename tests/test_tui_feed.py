@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from backend.records import MetricRecord, RunInfo
 from backend.rundir import RunDirectory, write_json_atomic
-from vlmrl_tui.panes.feed import LogChunk, RunFeed, clean_line, proc_sort_key, strip_ansi
+from backend.records import proc_sort_key
+from vlmrl_tui.watch import LogChunk, RunFeed, clean_line, strip_ansi
 
 
 def _append(path: Path, text: str) -> None:
@@ -21,12 +23,12 @@ def test_poll_returns_only_what_is_new(tmp_path: Path) -> None:
     assert not feed.poll()  # nothing yet, nothing raised
     _append(rd.log("server"), "a\nb\n")
     _append(rd.metrics, json.dumps({"step": 1, "loss": 0.5}) + "\n")
-    write_json_atomic(rd.run_json, {"status": "running"})
+    write_json_atomic(rd.run_json, RunInfo(name="r", status="running").to_json())
     first = feed.poll()
     assert first.new_procs == ["server"]
     assert first.logs == {"server": LogChunk(["a", "b"], 0)}
-    assert first.metrics == [{"step": 1, "loss": 0.5}]
-    assert first.info == {"status": "running"}
+    assert first.metrics == [MetricRecord.from_json({"step": 1, "loss": 0.5})]
+    assert first.info == RunInfo(name="r", status="running")
     second = feed.poll()
     assert not second and second.info is None  # run.json unchanged: not re-sent
     _append(rd.log("server"), "c\npartial")
@@ -67,10 +69,10 @@ def test_carriage_returns_and_huge_lines_are_cleaned(tmp_path: Path) -> None:
 def test_run_json_is_resent_when_it_changes(tmp_path: Path) -> None:
     rd = RunDirectory(tmp_path).create()
     feed = RunFeed(tmp_path)
-    write_json_atomic(rd.run_json, {"status": "starting"})
-    assert feed.poll().info == {"status": "starting"}
-    write_json_atomic(rd.run_json, {"status": "running", "processes": {}})
-    assert feed.poll().info == {"status": "running", "processes": {}}
+    write_json_atomic(rd.run_json, RunInfo(name="r", status="starting").to_json())
+    assert feed.poll().info == RunInfo(name="r", status="starting")
+    write_json_atomic(rd.run_json, RunInfo(name="r", status="running", processes={}).to_json())
+    assert feed.poll().info == RunInfo(name="r", status="running", processes={})
 
 
 def test_helpers() -> None:

@@ -23,8 +23,8 @@ from tests.tui_rundir import screen_text, wait_for
 from vlmrl_tui.app import VlmrlApp
 from vlmrl_tui.control import send_command
 from vlmrl_tui.panes.screens import ConfirmScreen, QuitScreen
-from vlmrl_tui.plan import free_port
-from vlmrl_tui.tui_main import LaunchedRun
+from backend.net import free_port
+from vlmrl_tui.launch import LaunchedRun
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SIZE = (130, 42)

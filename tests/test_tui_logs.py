@@ -8,7 +8,7 @@ import pytest
 from textual.app import App, ComposeResult
 from textual.pilot import Pilot
 
-from vlmrl_tui.panes.feed import LogChunk
+from vlmrl_tui.watch import LogChunk
 from vlmrl_tui.panes.logs import LogsPane, LogView
 
 

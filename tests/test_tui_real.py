@@ -19,8 +19,8 @@ from backend.rundir import last_lines, read_json
 from tests.test_import_hygiene import guarded_env
 from tests.tui_rundir import screen_text, wait_for
 from vlmrl_tui.app import VlmrlApp
-from vlmrl_tui.plan import free_port
-from vlmrl_tui.tui_main import LaunchedRun, launch_run
+from backend.net import free_port
+from vlmrl_tui.launch import LaunchedRun, launch_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (130, 42)

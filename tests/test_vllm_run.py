@@ -31,7 +31,7 @@ if not Path(VLLM_PYTHON).exists():
 
 
 def test_colour_run_trains_with_vllm(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from vlmrl_tui.plan import free_port
+    from backend.net import free_port
 
     data = vllm_config(free_port(), tmp_path / "runs", max_steps=STEPS, learning_rate=3e-4, max_tokens=4,
                        save_every=0, sync_to_vllm_every=1, log_every_steps=1, seed=0)

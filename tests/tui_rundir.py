@@ -1,7 +1,7 @@
 """A fixed, deterministic run directory for the TUI tests, snapshots and benchmark.
 
-Written with the same file names and record fields the supervisor and trainer write
-(``backend.rundir``): run.json, logs/<proc>.log with ANSI colours and one traceback,
+Written with the same file names and records the supervisor and trainer write
+(``backend.records``, ``backend.rundir``): run.json, logs/<proc>.log with ANSI colours and one traceback,
 metrics.jsonl, rollouts.jsonl and rollouts/<step>/<index>_0.png. Nothing is random and
 every time stamp is fixed, so two builds give byte-identical files.
 """
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
+from backend.records import ProcessInfo, RunInfo
 from backend.rundir import RunDirectory, write_json_atomic
 
 if TYPE_CHECKING:
@@ -61,26 +62,20 @@ def _image(colour: tuple[int, int, int], variant: int, size: int = 64) -> Image.
     return img
 
 
-def run_json(status: str = "completed", server_pid: int = 4243, trainer_pid: int = 4250) -> dict:
+def run_json(status: str = "completed", server_pid: int = 4243, trainer_pid: int = 4250,
+             max_steps: int = 40) -> dict:
     """run.json of a finished run: server stopped, trainer exited 0 after one restart."""
-    return {
-        "name": "fixture",
-        "status": status,
-        "supervisor_pid": 4242,
-        "started_at": T0,
-        "ended_at": T0 + 130.0,
-        "server_url": "http://127.0.0.1:8000",
-        "processes": {
-            "server": {
-                "status": "stopped", "pid": server_pid, "started_at": T0 + 1.0, "ended_at": T0 + 130.0,
-                "exit_code": 0, "restarts": 0,
-            },
-            "trainer": {
-                "status": "exited", "pid": trainer_pid, "started_at": T0 + 31.0, "ended_at": T0 + 129.0,
-                "exit_code": 0, "restarts": 1,
-            },
+    return RunInfo(
+        name="fixture", status=status, supervisor_pid=4242, started_at=T0, ended_at=T0 + 130.0,
+        server_url="http://127.0.0.1:8000", max_steps=max_steps,
+        processes={
+            "server": ProcessInfo(name="server", argv=[], log="", status="stopped", pid=server_pid,
+                                  started_at=T0 + 1.0, ended_at=T0 + 130.0, exit_code=0,
+                                  health_url="http://127.0.0.1:8000/health"),
+            "trainer": ProcessInfo(name="trainer", argv=[], log="", status="exited", pid=trainer_pid,
+                                   started_at=T0 + 31.0, ended_at=T0 + 129.0, exit_code=0, restarts=1),
         },
-    }
+    ).to_json()
 
 
 def server_log(n: int) -> list[str]:
@@ -183,7 +178,7 @@ def make_run_dir(path: Path, steps: int = 40, max_steps: int = 40, server_lines:
     """Write the fixture run directory at ``path`` and return it."""
     rd = RunDirectory(path).create()
     rd.config.write_text(CONFIG.format(max_steps=max_steps), encoding="utf-8")
-    write_json_atomic(rd.run_json, run_json(status))
+    write_json_atomic(rd.run_json, run_json(status, max_steps=max_steps))
     rd.log("server").write_text("\n".join(server_log(server_lines)) + "\n", encoding="utf-8")
     rd.log("trainer").write_text("\n".join(trainer_log(steps, max_steps)) + "\n", encoding="utf-8")
     with open(rd.metrics, "w", encoding="utf-8") as f:

@@ -1,7 +1,7 @@
 """The vlmrl dashboard: processes, logs, GPUs, metrics and rollouts of one run.
 
-The app reads only the run directory (through :class:`~vlmrl_tui.panes.feed.RunFeed`)
-and the server's ``/health``, and drives a run only through the supervisor's control
+The app reads only the run directory (through :class:`~vlmrl_tui.watch.RunFeed`)
+and the server's health URL, and drives a run only through the supervisor's control
 channel (:mod:`vlmrl_tui.control`). Slow work runs in named thread workers that post
 typed messages; one batch of run-directory data is in flight at a time.
 """
@@ -21,8 +21,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from backend.contract import ROUTE_HEALTH
-from vlmrl_tui.panes.feed import DEFAULT_SCROLLBACK, RunFeed, display_path
+from backend.records import PROC_PREPARE, PROC_TRAINER, RunInfo
 from vlmrl_tui.panes.gpus import GpuReport, GpusPane, start_sampler
 from vlmrl_tui.panes.logs import LogsPane, LogView
 from vlmrl_tui.panes.messages import (
@@ -34,13 +33,14 @@ from vlmrl_tui.panes.messages import (
 )
 from vlmrl_tui.panes.metrics import MetricsPane
 from vlmrl_tui.panes.picker import RunPickerScreen
-from vlmrl_tui.panes.processes import ProcessesPane, ProcessSampler, RunView, parse_run_info
+from vlmrl_tui.panes.processes import ProcessesPane
 from vlmrl_tui.panes.rollouts import RolloutsPane
 from vlmrl_tui.panes.screens import ConfirmScreen, HelpScreen, QuitScreen
+from vlmrl_tui.watch import DEFAULT_SCROLLBACK, ProcessSampler, RunFeed, display_path
 
 if TYPE_CHECKING:
     from vlmrl_tui.gpu import Nvml, GpuSampler
-    from vlmrl_tui.tui_main import LaunchedRun
+    from vlmrl_tui.launch import LaunchedRun
 
 SendCommand = Callable[..., dict]
 
@@ -113,7 +113,7 @@ class VlmrlApp(App[str | None]):
         self._gpu_enabled = gpu
         self._clock = clock
         self._send_command = send_command
-        self.run_view: RunView | None = None
+        self.run_view: RunInfo | None = None
         self._pids: dict[str, int] = {}
         self._health: dict[str, str] = {}
         self._feed_ack = threading.Event()
@@ -132,7 +132,7 @@ class VlmrlApp(App[str | None]):
         self.gpus = GpusPane(id="gpus")
         self.gpus.border_title = "GPUs"
         self.logs = LogsPane(scrollback=self.scrollback, id="logs")
-        self.metrics = MetricsPane(self.run_dir, redraw_s=self.redraw_s, id="metrics")
+        self.metrics = MetricsPane(redraw_s=self.redraw_s, id="metrics")
         self.rollouts = RolloutsPane(self.run_dir, redraw_s=self.redraw_s, id="rollouts")
         yield Header(show_clock=False, icon="◆")
         self._top = Horizontal(id="top")
@@ -189,7 +189,6 @@ class VlmrlApp(App[str | None]):
         self.run_dir = Path(run_dir)
         self.sub_title = display_path(self.run_dir)
         self.rollouts.run_dir = self.run_dir
-        self.metrics.set_run_dir(self.run_dir)
         self._feed_ack.set()
         self._feed_worker(RunFeed(self.run_dir, scrollback=self.scrollback))
         self._stats_worker()
@@ -230,6 +229,8 @@ class VlmrlApp(App[str | None]):
                 return
             if update.info is not None:
                 self._apply_info(update.info)
+            if update.info_error is not None:
+                self.notify(update.info_error, severity="error", timeout=30)
             for proc in update.new_procs:
                 self.logs.view_for(proc)
             if update.logs:
@@ -242,18 +243,12 @@ class VlmrlApp(App[str | None]):
         finally:
             self._feed_ack.set()
 
-    def _apply_info(self, info: dict[str, Any]) -> None:
-        run = parse_run_info(info)
+    def _apply_info(self, run: RunInfo) -> None:
         self.run_view = run
-        self.processes.update_info(info)
+        self.processes.update_info(run)
         self._pids = run.pids()
-        health: dict[str, str] = {}
-        for p in run.procs:
-            url = p.health_url or (run.server_url + ROUTE_HEALTH if p.name == "server" and run.server_url else None)
-            if url and p.live:
-                health[p.name] = url
-        self._health = health
-        self.metrics.set_finished(run.finished)
+        self._health = {p.name: p.health_url for p in run.procs() if p.health_url and p.alive}
+        self.metrics.set_run(run.max_steps, run.finished)
         if run.name:
             self.title = f"vlmrl · {run.name}"
 
@@ -344,7 +339,7 @@ class VlmrlApp(App[str | None]):
             if yes:
                 self.send("kill", proc)
 
-        if proc == "trainer":
+        if proc == PROC_TRAINER:
             question = "Kill the trainer now (SIGKILL)? It stays down until you restart it (r)."
         else:
             question = f"Kill {proc} now (SIGKILL)? The trainer needs it: this ends the whole run at once."
@@ -397,7 +392,7 @@ class VlmrlApp(App[str | None]):
 
     def palette_commands(self) -> Iterable[SystemCommand]:
         """One palette entry per action (per process for restart and kill)."""
-        procs = [p.name for p in self.run_view.procs if p.name != "prepare"] if self.run_view else []
+        procs = [p.name for p in self.run_view.procs() if p.name != PROC_PREPARE] if self.run_view else []
         for proc in procs:
             yield SystemCommand(f"Restart {proc}", f"ask the supervisor to restart {proc}",
                                 lambda proc=proc: self.send("restart", proc))

@@ -1,8 +1,10 @@
 """The ``vlmrl`` command line (typer). Never imports Textual.
 
-Each command parses its arguments, loads the config (errors become one line and exit
-code 2) and hands over to the module that owns the work; heavy imports (torch,
-transformers) happen inside those modules, so ``--help`` and ``doctor`` start fast.
+Each command parses its arguments, loads the config and hands over to the module that owns
+the work; heavy imports (torch, transformers) happen inside those modules, so ``--help``
+and ``doctor`` start fast. Every expected error (:class:`~backend.errors.VlmrlError`:
+a bad config is exit code 2) becomes one line on stderr in :func:`main`, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from backend.errors import ConfigError, VlmrlError
+from backend.errors import VlmrlError
 
 app = typer.Typer(
     name="vlmrl",
@@ -30,18 +32,10 @@ app.add_typer(model_app, name="model")
 OverridesArg = typer.Argument(None, help="key=value overrides, e.g. trainer.args.max_steps=5")
 
 
-def _fail(err: VlmrlError) -> "typer.Exit":
-    typer.echo(f"error: {err}", err=True)
-    return typer.Exit(code=err.exit_code)
-
-
 def _load(path: Path, overrides: list[str] | None):
     from backend.config import load_config
 
-    try:
-        return load_config(path, overrides or [])
-    except ConfigError as e:
-        raise _fail(e) from None
+    return load_config(path, overrides or [])
 
 
 @config_app.command("check")
@@ -78,10 +72,7 @@ def model_build_tiny(
     """Build a tiny VLM offline (real HF model directory, tokenizer trained locally)."""
     from backend.tiny import build_tiny
 
-    try:
-        path = build_tiny(family, out_dir, seed=seed, warmup=warmup, progress=True)
-    except VlmrlError as e:
-        raise _fail(e) from None
+    path = build_tiny(family, out_dir, seed=seed, warmup=warmup, progress=True)
     typer.echo(f"wrote {path}")
 
 
@@ -94,10 +85,7 @@ def serve(
     from backend.serve import serve_main
 
     cfg = _load(config, overrides)
-    try:
-        code = serve_main(cfg)
-    except VlmrlError as e:
-        raise _fail(e) from None
+    code = serve_main(cfg)
     raise typer.Exit(code)
 
 
@@ -111,10 +99,7 @@ def train(
     from backend.train import train_main
 
     cfg = _load(config, overrides)
-    try:
-        code = train_main(cfg, resume=resume)
-    except VlmrlError as e:
-        raise _fail(e) from None
+    code = train_main(cfg, resume=resume)
     raise typer.Exit(code)
 
 
@@ -129,10 +114,7 @@ def evaluate(
     from backend.evaluate import eval_main
 
     cfg = _load(config, overrides)
-    try:
-        code = eval_main(cfg, checkpoint=checkpoint, n=n)
-    except VlmrlError as e:
-        raise _fail(e) from None
+    code = eval_main(cfg, checkpoint=checkpoint, n=n)
     raise typer.Exit(code)
 
 
@@ -154,10 +136,7 @@ def run(
     if output_dir:
         ov.append(f"trainer.args.output_dir={_toml_str(str(output_dir))}")
     cfg = _load(config, ov)
-    try:
-        code = run_headless(cfg, config_path=config, dry_run=dry_run, resume=resume)
-    except VlmrlError as e:
-        raise _fail(e) from None
+    code = run_headless(cfg, config_path=config, dry_run=dry_run, resume=resume)
     raise typer.Exit(code)
 
 
@@ -166,10 +145,7 @@ def attach(run_dir: Path = typer.Argument(..., help="a run directory, live or fi
     """Print the headless view of a run started elsewhere."""
     from vlmrl_tui.headless import attach_headless
 
-    try:
-        code = attach_headless(run_dir)
-    except VlmrlError as e:
-        raise _fail(e) from None
+    code = attach_headless(run_dir)
     raise typer.Exit(code)
 
 
@@ -182,10 +158,7 @@ def doctor(
     from vlmrl_tui.doctor import doctor_main
 
     cfg = _load(config, []) if config is not None else None
-    try:
-        code = doctor_main(cfg, as_json=as_json)
-    except VlmrlError as e:
-        raise _fail(e) from None
+    code = doctor_main(cfg, as_json=as_json)
     raise typer.Exit(code)
 
 
@@ -194,9 +167,12 @@ def _toml_str(s: str) -> str:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: expected errors become one line and their exit code."""
     try:
         app()
+    except VlmrlError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -26,23 +26,21 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable
 
 from backend.errors import VlmrlError
-from backend.rundir import RunDirectory, read_json
+from backend.rundir import RunDirectory
 
-if TYPE_CHECKING:
-    from vlmrl_tui.supervisor import Supervisor
-
-SOCKET_NAME = "supervisor.sock"
 COMMANDS = frozenset({"status", "restart", "stop", "kill"})
+#: what a control server asks for each request: ``await handler(cmd, proc)`` -> the JSON answer
+Handler = Callable[[str, "str | None"], Awaitable[dict[str, Any]]]
 _MAX_PATH = 100  # sun_path is 108 bytes on Linux
 _MAX_LINE = 64 * 1024
 
 
 def socket_path(run_dir: str | Path) -> Path:
     """Where the supervisor of ``run_dir`` listens (short fallback for long paths)."""
-    path = Path(run_dir).resolve() / SOCKET_NAME
+    path = RunDirectory(Path(run_dir).resolve()).control_socket
     if len(os.fsencode(str(path))) <= _MAX_PATH:
         return path
     digest = hashlib.sha1(os.fsencode(str(path))).hexdigest()[:16]
@@ -50,10 +48,11 @@ def socket_path(run_dir: str | Path) -> Path:
 
 
 class ControlServer:
-    """Serves control commands for one :class:`Supervisor` on a unix socket."""
+    """Serves control commands on a unix socket; ``handler`` answers each one (the
+    supervisor's :meth:`~vlmrl_tui.supervisor.Supervisor.command`)."""
 
-    def __init__(self, supervisor: "Supervisor", run_dir: str | Path) -> None:
-        self.supervisor = supervisor
+    def __init__(self, handler: Handler, run_dir: str | Path) -> None:
+        self.handler = handler
         self.path = socket_path(run_dir)
         self._server: asyncio.AbstractServer | None = None
 
@@ -115,7 +114,7 @@ class ControlServer:
         if proc is not None and not isinstance(proc, str):
             return {"ok": False, "error": "proc must be a string"}
         try:
-            return await self.supervisor.command(cmd, proc)
+            return await self.handler(cmd, proc)
         except Exception as e:  # never let one bad request take the channel down
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
@@ -136,9 +135,9 @@ def _listening(path: Path) -> bool:
 
 
 def _control_socket(run_dir: Path) -> Path:
-    info = read_json(RunDirectory(run_dir).run_json) or {}
-    recorded = info.get("control_socket")
-    return Path(recorded) if isinstance(recorded, str) and recorded else socket_path(run_dir)
+    info = RunDirectory(run_dir).run_info()  # RunInfoError (a VlmrlError) for another schema
+    recorded = info.control_socket if info is not None else None
+    return Path(recorded) if recorded else socket_path(run_dir)
 
 
 def send_command(run_dir: str | Path, cmd: str, proc: str | None = None, timeout: float = 5.0) -> dict[str, Any]:

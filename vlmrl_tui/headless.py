@@ -14,80 +14,53 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 from backend.config import VlmrlConfig
 from backend.errors import VlmrlError
-from backend.rundir import RunDirectory, RunReader, last_lines, read_json
-from vlmrl_tui.plan import RunPlan, build_plan, format_plan, run_dir_problem
-from vlmrl_tui.supervisor import (
+from backend.records import (
+    EXIT_BAD_CONFIG,
     EXIT_FAILED,
-    LOG_TAIL_LINES,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SIGTERM,
+    REWARD_MEAN,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_PREPARING,
+    RUN_RUNNING,
+    RUN_STARTING,
+    RUN_STOPPED,
+    RUN_STOPPING,
     RUN_TERMINAL,
-    Supervisor,
-    SupervisorEvent,
+    STARTING,
+    MetricRecord,
+    RunInfo,
     state_line,
+    step_line,
 )
+from backend.rundir import RunDirectory, last_lines
+from vlmrl_tui.plan import RunPlan, build_plan, format_plan, run_dir_problem
+from vlmrl_tui.proctree import supervisor_alive
+from vlmrl_tui.supervisor import LOG_TAIL_LINES, Supervisor, SupervisorEvent
+from vlmrl_tui.watch import RunFeed, strip_ansi
 
-EXIT_BAD_CONFIG = 2
-EXIT_INTERRUPTED = 130
-EXIT_SIGTERM = 143
 POLL_S = 0.5
 STARTING_NOTE_S = 30.0
+#: what the progress bar says in each run status
+PHASES = {RUN_PREPARING: "preparing model", RUN_STARTING: "starting server", RUN_RUNNING: "training",
+          RUN_STOPPING: "stopping"}
 ATTACH_BACKLOG = 50
-
-# metrics.jsonl keys (backend.trainer), with fallbacks for other writers.
-_KEYS: dict[str, tuple[str, ...]] = {
-    "reward": ("reward_mean", "reward"),
-    "loss": ("loss",),
-    "ir": ("ir", "importance_ratio_mean", "importance_ratio"),
-    "ent": ("entropy", "entropy_mean"),
-    "kl": ("kl", "kl_mean", "mismatch_kl"),
-    "time": ("step_s", "step_time_s"),
-}
-_FORMATS = {"reward": ".2f", "loss": ".3f", "ir": ".2f", "ent": ".2f", "kl": ".3f"}
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
-
-
-def strip_ansi(text: str) -> str:
-    """``text`` without terminal escape sequences (plain output for CI logs)."""
-    return _ANSI.sub("", text)
 
 
 class RunDirError(VlmrlError):
     """The directory given to ``vlmrl attach`` is not a run directory."""
 
     exit_code = EXIT_BAD_CONFIG
-
-
-def _metric(rec: dict[str, Any], name: str) -> float | None:
-    for k in _KEYS[name]:
-        v = rec.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return None
-
-
-def step_line(rec: dict[str, Any], max_steps: int, step_s: float | None = None) -> str:
-    """``step 12/100 reward=0.62 loss=0.045 ir=1.02 ent=2.34 kl=0.010 4.10s/it``."""
-    step = rec.get("step", "?")
-    parts = [f"step {step}/{max_steps}" if max_steps else f"step {step}"]
-    for name, fmt in _FORMATS.items():
-        v = _metric(rec, name)
-        if v is not None:
-            parts.append(f"{name}={format(v, fmt) if math.isfinite(v) else v}")
-    t = _metric(rec, "time")
-    t = t if t is not None else step_s
-    if t is not None and math.isfinite(t):
-        parts.append(f"{t:.2f}s/it")
-    return " ".join(parts)
 
 
 def _fmt_duration(s: float) -> str:
@@ -103,13 +76,13 @@ class HeadlessView:
     """Prints a run: step lines (and a rich bar on a terminal), state changes, failures."""
 
     def __init__(self, max_steps: int, out: TextIO | None = None, tty: bool | None = None,
-                 reader: RunReader | None = None) -> None:
+                 feed: RunFeed | None = None) -> None:
         self.out = out or sys.stdout
-        self.reader = reader
+        self.feed = feed
         self.tty = self.out.isatty() if tty is None else tty
         self.max_steps = max_steps
         self.last_step = 0
-        self.last_metrics: dict[str, Any] | None = None
+        self.last_metrics: MetricRecord | None = None
         self._last_time: float | None = None
         self._progress: Any = None
         self._task: Any = None
@@ -157,8 +130,9 @@ class HeadlessView:
         if self._progress is not None:
             self._progress.update(self._task, description=text)
 
-    def metrics(self, records: list[dict[str, Any]], backlog: int | None = None) -> None:
+    def metrics(self, items: list[MetricRecord] | list[Mapping[str, Any]], backlog: int | None = None) -> None:
         """Show new metric records; with ``backlog``, only the last ``backlog`` get a line."""
+        records = [m for m in map(MetricRecord.from_json, items) if m is not None]
         if backlog is not None and len(records) > backlog:
             self.line(f"... {len(records) - backlog} earlier step(s)")
             shown, skipped = records[-backlog:], records[:-backlog]
@@ -172,20 +146,18 @@ class HeadlessView:
             self.line(step_line(rec, self.max_steps, dt))
             self._advance(rec)
 
-    def _advance(self, rec: dict[str, Any]) -> None:
-        step = rec.get("step")
-        if isinstance(step, int):
-            self.last_step = step
+    def _advance(self, rec: MetricRecord) -> None:
+        self.last_step = rec.step
         self.last_metrics = rec
         if self._progress is not None:
-            r = _metric(rec, "reward")
+            r = rec.get(REWARD_MEAN)
             info = f"reward={r:.2f}" if r is not None and math.isfinite(r) else ""
             self._progress.update(self._task, completed=self.last_step, description="training", info=info)
 
     def drain(self) -> None:
         """Show the metric records written since the last call."""
-        if self.reader is not None:
-            recs = self.reader.new_metrics()
+        if self.feed is not None:
+            recs = self.feed.new_metrics()
             if recs:
                 self.metrics(recs)
 
@@ -198,8 +170,7 @@ class HeadlessView:
                 self.log_tail(ev.proc or "?", list(ev.log_tail))
             return
         if ev.kind == "run":
-            self.phase({"preparing": "preparing model", "starting": "starting server", "running": "training",
-                        "stopping": "stopping"}.get(ev.status or "", ev.status or ""))
+            self.phase(PHASES.get(ev.status or "", ev.status or ""))
         self.line(f"{stamp} {ev.message}")
 
     def log_tail(self, proc: str, lines: list[str]) -> None:
@@ -208,32 +179,22 @@ class HeadlessView:
             self.line("  " + ln, ansi=True)
         self.line(f"--- end of {proc}.log ---")
 
-    def summary(self, info: dict[str, Any] | None, code: int, run_dir: Path) -> None:
-        info = info or {}
-        started, ended = info.get("started_at"), info.get("ended_at") or time.time()
-        took = f" in {_fmt_duration(ended - started)}" if isinstance(started, (int, float)) else ""
+    def summary(self, info: RunInfo | None, code: int, run_dir: Path) -> None:
+        started = info.started_at if info is not None else None
+        ended = (info.ended_at if info is not None else None) or time.time()
+        took = f" in {_fmt_duration(ended - started)}" if started is not None else ""
         steps = f"{self.last_step}/{self.max_steps} steps" if self.max_steps else f"{self.last_step} steps"
         last = ""
         if self.last_metrics is not None:
-            r = _metric(self.last_metrics, "reward")
+            r = self.last_metrics.get(REWARD_MEAN)
             if r is not None and math.isfinite(r):
                 last = f", last reward={r:.2f}"
-        status = info.get("status", "?")
-        reason = info.get("reason")
-        head = {0: "completed", 1: "failed", 130: "stopped", 143: "stopped"}.get(code, status)
+        status = info.status if info is not None else "?"
+        reason = info.reason if info is not None else None
+        head = {EXIT_OK: RUN_COMPLETED, EXIT_FAILED: RUN_FAILED, EXIT_INTERRUPTED: RUN_STOPPED,
+                EXIT_SIGTERM: RUN_STOPPED}.get(code, status)
         why = f" ({reason})" if reason and code != 0 else ""
         self.line(f"{head}{why}: {steps}{took}{last} - {run_dir}")
-
-
-def _max_steps_of(run_dir: Path) -> int:
-    from backend.config import read_toml
-
-    try:
-        data = read_toml(RunDirectory(run_dir).config)
-        v = data.get("trainer", {}).get("args", {}).get("max_steps", 0)
-        return int(v) if isinstance(v, int) else 0
-    except (VlmrlError, AttributeError, ValueError):
-        return 0
 
 
 # ----- vlmrl run -----
@@ -266,7 +227,7 @@ def run_headless(cfg: VlmrlConfig, config_path: str | Path | None, dry_run: bool
 
 def run_plan(plan: RunPlan, *, out: TextIO | None = None, tty: bool | None = None, grace_s: float | None = None) -> int:
     """Supervise ``plan`` with the headless view; handles Ctrl-C/SIGTERM; returns the exit code."""
-    view = HeadlessView(plan.max_steps, out=out, tty=tty, reader=RunReader(plan.run_dir))
+    view = HeadlessView(plan.max_steps, out=out, tty=tty, feed=RunFeed(plan.run_dir))
     view.line(f"run {plan.name} -> {plan.run_dir}")
     for note in plan.notes:
         view.line(f"warn  {note.message}")
@@ -305,7 +266,7 @@ async def _supervise(plan: RunPlan, view: HeadlessView, grace_s: float | None) -
         view.drain()
     if code == EXIT_INTERRUPTED and received and received[0] == signal.SIGTERM:
         code = EXIT_SIGTERM
-    view.summary(sup.snapshot(), code, plan.run_dir)
+    view.summary(sup.info(), code, plan.run_dir)
     return code
 
 
@@ -316,17 +277,17 @@ async def _starting_notes(sup: Supervisor, view: HeadlessView) -> None:
     while True:
         await asyncio.sleep(min(1.0, every_s))
         now = time.time()
-        for name, st in sup.snapshot()["processes"].items():
-            started = st.get("started_at")
-            if st.get("status") != "starting" or not isinstance(started, (int, float)):
+        for p in sup.info().procs():
+            started = p.started_at
+            if p.status != STARTING or started is None:
                 continue
-            key = (name, started)
+            key = (p.name, started)
             if now < due.setdefault(key, started + every_s):
                 continue
             due[key] += every_s
-            tail = last_lines(st["log"], 1)
+            tail = last_lines(p.log, 1)
             last = f"; last log line: {tail[-1].strip()[:160]}" if tail else ""
-            view.line(time.strftime("%H:%M:%S ") + f"{name}: still starting after {int(now - started)} s{last}",
+            view.line(time.strftime("%H:%M:%S ") + f"{p.name}: still starting after {int(now - started)} s{last}",
                       ansi=True)
 
 
@@ -347,48 +308,46 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
     without finishing, 130 when detached with Ctrl-C (the run goes on).
     """
     rd = RunDirectory(run_dir)
-    info = read_json(rd.run_json)
-    if not rd.exists() or info is None:
+    info = rd.run_info() if rd.exists() else None
+    if info is None:
         raise RunDirError(f"{run_dir} is not a run directory (no run.json); start one with `vlmrl run CONFIG`")
-    view = HeadlessView(_max_steps_of(rd.path), out=out, tty=tty)
-    reader = RunReader(rd.path)
-    view.line(f"attached to {info.get('name', rd.path.name)} ({rd.path}), supervisor pid "
-              f"{info.get('supervisor_pid')}, status {info.get('status')}")
-    for h in info.get("history", []):
-        stamp = time.strftime("%H:%M:%S", time.localtime(h.get("time", 0)))
-        proc = h.get("proc")
-        text = state_line(proc, h) if proc else f"run: {h.get('status')}" + (
-            f" - {h['reason']}" if h.get("reason") else "")
-        view.line(f"{stamp} {text}")
-    seen = {n: (p.get("status"), p.get("reason")) for n, p in info.get("processes", {}).items()}
-    seen_run = info.get("status")
+    view = HeadlessView(info.max_steps or 0, out=out, tty=tty)
+    feed = RunFeed(rd.path)
+    feed.run_info()  # the state read above: only later changes are news
+    view.line(f"attached to {info.name or rd.path.name} ({rd.path}), supervisor pid "
+              f"{info.supervisor_pid}, status {info.status}")
+    for h in info.history:
+        view.line(f"{time.strftime('%H:%M:%S', time.localtime(h.time))} {h.line()}")
+    seen = {p.name: (p.status, p.reason) for p in info.procs()}
+    seen_run = info.status
     with view:
-        view.metrics(reader.new_metrics(), backlog=ATTACH_BACKLOG)
+        view.metrics(feed.new_metrics(), backlog=ATTACH_BACKLOG)
         try:
             while True:
-                if info.get("status") in RUN_TERMINAL:
-                    view.metrics(reader.new_metrics())
+                if info.finished:
+                    view.metrics(feed.new_metrics())
                     return _attach_end(view, info, rd)
                 if not follow:
                     return 0
-                if not _supervisor_alive(info):
-                    view.line(f"the supervisor (pid {info.get('supervisor_pid')}) is gone and the run did not finish")
+                if not supervisor_alive(info):
+                    view.line(f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish")
                     view.summary(info, EXIT_FAILED, rd.path)
                     return EXIT_FAILED
                 time.sleep(poll_s)
-                view.metrics(reader.new_metrics())
-                new = read_json(rd.run_json)
+                view.metrics(feed.new_metrics())
+                new, error = feed.run_info()
+                if error is not None:
+                    raise RunDirError(error)
                 if new is None:
                     continue
                 info = new
-                for name, p in info.get("processes", {}).items():
-                    key = (p.get("status"), p.get("reason"))
-                    if seen.get(name) != key:
-                        seen[name] = key
-                        view.line(time.strftime("%H:%M:%S ") + state_line(name, p))
-                if info.get("status") != seen_run:
-                    seen_run = info.get("status")
-                    view.phase(str(seen_run))
+                for p in info.procs():
+                    if seen.get(p.name) != (p.status, p.reason):
+                        seen[p.name] = (p.status, p.reason)
+                        view.line(time.strftime("%H:%M:%S ") + state_line(p))
+                if info.status != seen_run:
+                    seen_run = info.status
+                    view.phase(seen_run)
                     if seen_run not in RUN_TERMINAL:
                         view.line(time.strftime("%H:%M:%S ") + f"run: {seen_run}")
         except KeyboardInterrupt:
@@ -396,31 +355,13 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
             return EXIT_INTERRUPTED
 
 
-def _attach_end(view: HeadlessView, info: dict[str, Any], rd: RunDirectory) -> int:
-    code = info.get("exit_code")
-    code = code if isinstance(code, int) else EXIT_FAILED
-    failed = info.get("failed_process")
-    if failed:
-        view.log_tail(failed, last_lines(rd.log(failed), LOG_TAIL_LINES))
-    view.line(f"run: {info.get('status')}" + (f" - {info['reason']}" if info.get("reason") else ""))
+def _attach_end(view: HeadlessView, info: RunInfo, rd: RunDirectory) -> int:
+    code = info.exit_code if info.exit_code is not None else EXIT_FAILED
+    if info.failed_process:
+        view.log_tail(info.failed_process, last_lines(rd.log(info.failed_process), LOG_TAIL_LINES))
+    view.line(f"run: {info.status}" + (f" - {info.reason}" if info.reason else ""))
     view.summary(info, code, rd.path)
     return code
-
-
-def _supervisor_alive(info: dict[str, Any]) -> bool:
-    import psutil
-
-    pid = info.get("supervisor_pid")
-    if not isinstance(pid, int):
-        return False
-    try:
-        p = psutil.Process(pid)
-        started = info.get("started_at")
-        if isinstance(started, (int, float)) and p.create_time() > started + 1:
-            return False  # the pid now belongs to another process
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 __all__ = ["run_headless", "run_plan", "attach_headless", "HeadlessView", "step_line"]

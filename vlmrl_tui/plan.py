@@ -6,31 +6,31 @@ resolved config to write into the run directory, an optional one-shot ``prepare`
 and one :class:`ProcessSpec` each for the inference server and the trainer.
 
 Both children get ONE environment: the caller's shell, then the variables vlmrl sets
-(``[nccl]`` table, rendezvous address/port, ``CUDA_DEVICE_ORDER``, run token, loopback in
-``no_proxy``). Only ``CUDA_VISIBLE_DEVICES`` differs, so that server and trainer never
+(``[nccl]`` table, ``CUDA_DEVICE_ORDER``, run token and directory, server URL, loopback in
+``no_proxy``). The weight-sync port travels one way only: in the resolved config
+(``trainer.args.sync_port``) that both children read. Only ``CUDA_VISIBLE_DEVICES`` differs, so that server and trainer never
 share a GPU unless ``run.share_gpus`` says so. A shell variable that contradicts the config
 is reported in :attr:`RunPlan.notes` (the config wins), never mixed in silently.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import secrets
 import shlex
-import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from backend import contract
-from backend.config import KNOWN_NCCL_VARS, VlmrlConfig, config_to_toml
+from backend import contract, net
+from backend.config import KNOWN_NCCL_VARS, RestartPolicy, RestartSettings, VlmrlConfig, config_to_toml
 from backend.errors import ConfigError
-from backend.rundir import PROC_SERVER, PROC_TRAINER, RunDirectory
+from backend.records import PROC_PREPARE, PROC_SERVER, PROC_TRAINER, RunInfoError
+from backend.rundir import RunDirectory
+from backend.vllm_ext.command import vllm_server_argv, vllm_server_env
+from vlmrl_tui.proctree import supervisor_alive
 
-PROC_PREPARE = "prepare"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MASKED = "********"
 # Variables whose value is a secret: never printed.
 SECRET_VARS = frozenset({contract.ENV_RUN_TOKEN})
@@ -39,10 +39,6 @@ _NOT_CONFLICTS = frozenset({"PYTHONUNBUFFERED", "no_proxy", "NO_PROXY", contract
 
 # One-shot step that builds/resolves a builtin model before the children start.
 _PREPARE_CODE = 'import sys; from backend.models import resolve_model; print("model:", resolve_model(sys.argv[1]))'
-
-Restart = Literal["never", "on-failure"]
-TERMINAL_RUN_STATES = frozenset({"completed", "failed", "stopped"})
-
 
 @dataclass(frozen=True)
 class ProcessSpec:
@@ -53,9 +49,10 @@ class ProcessSpec:
     cwd: Path
     env: Mapping[str, str]
     log_path: Path
+    gpus: tuple[str, ...] = ()  # its CUDA_VISIBLE_DEVICES
     health_url: str | None = None  # polled until 200 before dependents start
     models_url: str | None = None  # also polled (must answer 200) once health is ok
-    restart: Restart = "never"
+    restart: RestartPolicy = "never"
     max_restarts: int = 0
     restart_backoff_s: float = 2.0
     start_timeout_s: float | None = None  # for health; None: no health to wait for
@@ -120,25 +117,15 @@ class RunPlan:
         return replace(self, processes=tuple(p for p in self.processes if p.name != name))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host``."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def gpus_needed(n_server: int, n_trainer: int, share: bool) -> int:
+    """GPUs a run needs: the larger count when server and trainer may share, else both."""
+    return max(n_server, n_trainer) if share else n_server + n_trainer
 
 
-def probe_host(host: str) -> str:
-    """The address to reach a server bound to ``host`` from this machine."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
-def url_host(host: str) -> str:
-    h = probe_host(host)
-    return f"[{h}]" if ":" in h else h
+def visible_gpus(env: Mapping[str, str]) -> list[str] | None:
+    """The GPU ids (or UUIDs) ``CUDA_VISIBLE_DEVICES`` lists; None when it is not set."""
+    text = env.get("CUDA_VISIBLE_DEVICES")
+    return [x.strip() for x in text.split(",") if x.strip()] if text is not None else None
 
 
 def split_gpus(
@@ -149,7 +136,7 @@ def split_gpus(
     ``pool`` is the shell's ``CUDA_VISIBLE_DEVICES`` (ids or UUIDs); None means all GPUs,
     numbered from 0 (the doctor checks that enough exist).
     """
-    need = max(n_server, n_trainer) if share else n_server + n_trainer
+    need = gpus_needed(n_server, n_trainer, share)
     ids = list(pool) if pool is not None else [str(i) for i in range(need)]
     if need > len(ids):
         raise ConfigError(
@@ -205,16 +192,9 @@ def env_notes(shared: Mapping[str, str], base_env: Mapping[str, str]) -> list[En
     return notes
 
 
-def _vllm_command(cfg: VlmrlConfig) -> tuple[list[str], dict[str, str]]:
-    try:
-        mod = importlib.import_module("backend.vllm_ext.command")
-    except ModuleNotFoundError as e:
-        what = f"{e.name} is missing" if e.name else str(e)
-        raise ConfigError(None, "inference.engine", f"the vllm engine is not installed ({what})") from None
-    argv = list(mod.vllm_server_argv(cfg))
-    env_fn = getattr(mod, "vllm_server_env", None)
-    env = {str(k): str(v) for k, v in (env_fn(cfg) if env_fn else {}).items()}
-    return argv, env
+def _restart(settings: RestartSettings) -> dict[str, object]:
+    """The restart fields of a process spec, from the config's one restart model."""
+    return settings.model_dump(include=set(RestartSettings.model_fields))
 
 
 def build_plan(
@@ -231,8 +211,8 @@ def build_plan(
     """The plan for ``cfg``: resolved config, environment and the process specs.
 
     Pure apart from picking a free weight-sync port when neither ``sync_port`` nor
-    ``trainer.args.sync_port`` gives one (and importing the vLLM command builder when
-    the engine is vllm). Raises :class:`ConfigError` for settings that cannot run.
+    ``trainer.args.sync_port`` gives one. Raises :class:`ConfigError` for settings that
+    cannot run.
     """
     base = dict(os.environ if base_env is None else base_env)
     work = Path(cwd if cwd is not None else os.getcwd()).resolve()
@@ -242,33 +222,28 @@ def build_plan(
     targs = cfg.trainer.args
     if targs.device == "cuda" and cfg.trainer.gpus == 0:
         raise ConfigError(config_path, "trainer.gpus", "is 0 but trainer.args.device is 'cuda'; give the trainer a GPU")
-    port = sync_port or targs.sync_port or free_port()
+    port = sync_port or targs.sync_port or net.free_port()
     targs.sync_port = port
 
     run_dir = (work / cfg.run_dir()).resolve()
     rd = RunDirectory(run_dir)
     config_file = rd.config
-    host = url_host(cfg.inference.host)
-    server_url = f"http://{host}:{cfg.inference.port}"
+    server_url = net.http_url(cfg.inference.host, cfg.inference.port)
 
     shared: dict[str, str] = {}
     shared.update(cfg.nccl_env())
     shared["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    shared["MASTER_ADDR"] = "127.0.0.1"
-    shared["MASTER_PORT"] = str(port)
-    shared[contract.ENV_SYNC_PORT] = str(port)
     shared[contract.ENV_RUN_TOKEN] = token or secrets.token_urlsafe(24)
     shared[contract.ENV_RUN_DIR] = str(run_dir)
-    shared[contract.ENV_CONFIG] = str(config_file)
     shared[contract.ENV_SERVER_URL] = server_url
     shared["PYTHONUNBUFFERED"] = "1"
-    loop_hosts = list(LOOPBACK) + [probe_host(cfg.inference.host)]
+    loop_hosts = list(net.LOOPBACK_HOSTS) + [net.connect_host(cfg.inference.host)]
     no_proxy = merge_no_proxy(base.get("no_proxy") or base.get("NO_PROXY"), loop_hosts)
     shared["no_proxy"] = shared["NO_PROXY"] = no_proxy
 
     if cfg.inference.engine == "vllm":
-        server_argv, vllm_env = _vllm_command(cfg)
-        shared.update(vllm_env)
+        server_argv = vllm_server_argv(cfg)
+        shared.update(vllm_server_env(cfg))
     else:
         server_argv = [py, "-m", "vlmrl_tui.cli", "serve", str(config_file)]
     trainer_argv = [py, "-m", "vlmrl_tui.cli", "train", str(config_file)]
@@ -276,9 +251,8 @@ def build_plan(
     if resume:
         trainer_argv = list(restart_trainer)
 
-    pool_text = base.get("CUDA_VISIBLE_DEVICES")
-    pool = [x.strip() for x in pool_text.split(",") if x.strip()] if pool_text is not None else None
-    server_gpus, trainer_gpus = split_gpus(cfg.inference.gpus, cfg.trainer.gpus, pool, cfg.run.share_gpus)
+    server_gpus, trainer_gpus = split_gpus(cfg.inference.gpus, cfg.trainer.gpus, visible_gpus(base),
+                                           cfg.run.share_gpus)
 
     def env_for(gpus: list[str]) -> dict[str, str]:
         env = dict(base)
@@ -307,12 +281,11 @@ def build_plan(
             cwd=work,
             env=env_for(server_gpus),
             log_path=rd.log(PROC_SERVER),
+            gpus=tuple(server_gpus),
             health_url=server_url + contract.ROUTE_HEALTH,
             models_url=server_url + contract.ROUTE_MODELS,
-            restart=inf.restart,
-            max_restarts=inf.max_restarts,
-            restart_backoff_s=inf.restart_backoff_s,
             start_timeout_s=inf.startup_timeout_s,
+            **_restart(inf),  # type: ignore[arg-type]
         )
     )
     procs.append(
@@ -322,10 +295,9 @@ def build_plan(
             cwd=work,
             env=env_for(trainer_gpus),
             log_path=rd.log(PROC_TRAINER),
-            restart=tr.restart,
-            max_restarts=tr.max_restarts,
-            restart_backoff_s=tr.restart_backoff_s,
+            gpus=tuple(trainer_gpus),
             restart_argv=tuple(restart_trainer),
+            **_restart(tr),  # type: ignore[arg-type]
             depends_on=PROC_SERVER,
         )
     )
@@ -356,22 +328,16 @@ def run_dir_problem(run_dir: str | Path, resume: bool) -> str | None:
     training progress (metrics or checkpoints) unless ``resume``. A directory left by a
     run that never trained is reused (logs are appended).
     """
-    import psutil
-
-    from backend.rundir import read_json
-
     rd = RunDirectory(run_dir)
     if not rd.exists():
         return None
-    info = read_json(rd.run_json) or {}
-    pid = info.get("supervisor_pid")
-    if isinstance(pid, int) and info.get("status") not in TERMINAL_RUN_STATES and pid != os.getpid():
-        try:
-            alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            alive = False
-        if alive:
-            return f"{rd.path} is in use by a running supervisor (pid {pid}); watch it with `vlmrl attach {rd.path}`"
+    try:
+        info = rd.run_info()
+    except RunInfoError as e:
+        return f"{e}; start another run with --name NEW, or remove the directory"
+    if info is not None and not info.finished and info.supervisor_pid != os.getpid() and supervisor_alive(info):
+        return (f"{rd.path} is in use by a running supervisor (pid {info.supervisor_pid}); watch it with "
+                f"`vlmrl attach {rd.path}`")
     if resume:
         return None
     progressed = (rd.metrics.exists() and rd.metrics.stat().st_size > 0) or rd.latest_checkpoint() is not None

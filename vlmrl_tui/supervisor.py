@@ -15,19 +15,9 @@ One event loop drives everything (no Textual, no torch here):
   then SIGKILL; the run ends only when no process of the run is left (processes that
   escaped the group are found by the run token in their environment).
 
-``run.json`` (written atomically on every change) holds the whole state::
-
-    {"version": 1, "name", "run_dir", "config", "supervisor_pid", "status", "exit_code",
-     "started_at", "ended_at", "ports": {"server", "sync"}, "server_url", "engine",
-     "control_socket", "failed_process", "reason",
-     "processes": {"server": {"status", "pid", "pgid", "argv", "log", "started_at",
-                              "healthy_at", "ended_at", "exit_code", "signal",
-                              "restarts", "reason", "stopping", "health"}, ...},
-     "history": [{"time", "proc", "status", "reason"}, ...]}
-
-Times are Unix epoch seconds. Process statuses: pending, starting, healthy, running,
-restarting, exited, failed, killed, stopped. Run statuses: preparing, starting, running,
-stopping, completed, failed, stopped.
+``run.json`` (written atomically on every change) holds the whole state: a
+:class:`~backend.records.RunInfo`, whose schema, process and run statuses live in
+:mod:`backend.records`. Stopping process trees is :mod:`vlmrl_tui.proctree`'s job.
 """
 
 from __future__ import annotations
@@ -36,54 +26,46 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
-
 from backend import contract
+from backend.records import (
+    ENDED_STATUSES,
+    EXITED,
+    FAILED,
+    HEALTHY,
+    KILLED,
+    PENDING,
+    RESTARTING,
+    RUN_COMPLETED,
+    RUN_EXIT_CODES,
+    RUN_FAILED,
+    RUN_PREPARING,
+    RUN_RUNNING,
+    RUN_STARTING,
+    RUN_STOPPED,
+    RUN_STOPPING,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    HistoryEntry,
+    RunInfo,
+    state_line,
+)
 from backend.rundir import RunDirectory, last_lines, write_json_atomic
-from vlmrl_tui.plan import ProcessSpec, RunPlan
-
-RUN_JSON_VERSION = 1
-
-# Process statuses.
-PENDING = "pending"
-STARTING = "starting"
-HEALTHY = "healthy"
-RUNNING = "running"
-RESTARTING = "restarting"
-EXITED = "exited"
-FAILED = "failed"
-KILLED = "killed"
-STOPPED = "stopped"
-ALIVE_STATUSES = frozenset({STARTING, HEALTHY, RUNNING})
-ENDED_STATUSES = frozenset({EXITED, FAILED, KILLED, STOPPED})
-
-# Run statuses.
-RUN_PREPARING = "preparing"
-RUN_STARTING = "starting"
-RUN_RUNNING = "running"
-RUN_STOPPING = "stopping"
-RUN_COMPLETED = "completed"
-RUN_FAILED = "failed"
-RUN_STOPPED = "stopped"
-RUN_TERMINAL = frozenset({RUN_COMPLETED, RUN_FAILED, RUN_STOPPED})
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
-_EXIT_CODES = {RUN_COMPLETED: EXIT_OK, RUN_FAILED: EXIT_FAILED, RUN_STOPPED: EXIT_INTERRUPTED}
+from vlmrl_tui import proctree
+from vlmrl_tui.child import Child
+from vlmrl_tui.control import ControlServer
+from vlmrl_tui.plan import RunPlan
 
 LOG_TAIL_LINES = 30
 HISTORY_MAX = 500
 MAX_BACKOFF_S = 60.0
 _TRACK_EVERY_S = 0.5
-_REAP_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -96,160 +78,6 @@ class SupervisorEvent:
     message: str
     time: float = field(default_factory=time.time)
     log_tail: tuple[str, ...] = ()
-
-
-@dataclass
-class ProcessState:
-    """What ``run.json`` says about one process."""
-
-    name: str
-    argv: list[str]
-    log: str
-    status: str = PENDING
-    pid: int | None = None
-    pgid: int | None = None
-    started_at: float | None = None
-    healthy_at: float | None = None
-    ended_at: float | None = None
-    exit_code: int | None = None
-    signal: str | None = None
-    restarts: int = 0
-    reason: str | None = None
-    stopping: bool = False
-    health: str | None = None  # "ok" | "failing" | None (no probe / not yet)
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def signal_name(returncode: int | None) -> str | None:
-    """``-9`` -> ``"SIGKILL"`` (Popen convention: negative = killed by that signal)."""
-    if returncode is None or returncode >= 0:
-        return None
-    try:
-        return signal.Signals(-returncode).name
-    except ValueError:
-        return f"signal {-returncode}"
-
-
-def state_line(proc: str, state: dict[str, Any]) -> str:
-    """One human line for a process state (used by headless and attach alike)."""
-    status = state.get("status", "?")
-    reason = state.get("reason")
-    return f"{proc}: {status}" + (f" - {reason}" if reason else "")
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _group_members(pgid: int) -> list[psutil.Process]:
-    out = []
-    for pid in psutil.pids():
-        try:
-            if os.getpgid(pid) == pgid:
-                out.append(psutil.Process(pid))
-        except (OSError, psutil.Error):
-            continue
-    return out
-
-
-def _send(procs: list[psutil.Process], pgid: int | None, sig: int) -> None:
-    if pgid is not None:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, sig)
-    for p in procs:
-        with contextlib.suppress(psutil.Error, OSError):
-            p.send_signal(sig)
-
-
-def _processes_with_token(token: str) -> list[psutil.Process]:
-    """Processes of this run that left every tracked tree (found by the run token)."""
-    me = os.getpid()
-    needle = f"{contract.ENV_RUN_TOKEN}={token}".encode()
-    out = []
-    for pid in psutil.pids():
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    p = psutil.Process(pid)
-                    if _alive(p):
-                        out.append(p)
-        except (OSError, psutil.Error):
-            continue
-    return out
-
-
-def _make_preexec() -> Callable[[], None] | None:
-    """Child-side hook: die with SIGTERM if the supervisor dies (Linux PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    sigterm = int(signal.SIGTERM)
-
-    def preexec() -> None:
-        prctl(1, sigterm, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the supervisor died before prctl
-            os._exit(1)
-
-    return preexec
-
-
-class _Child:
-    """Runtime bookkeeping for one process spec."""
-
-    def __init__(self, spec: ProcessSpec) -> None:
-        self.spec = spec
-        self.state = ProcessState(name=spec.name, argv=list(spec.argv), log=str(spec.log_path))
-        self.proc: asyncio.subprocess.Process | None = None
-        self.gen = 0
-        self.starts = 0
-        self.failure_restarts = 0
-        self.stop_reason: str | None = None  # why we are stopping it (None: we are not)
-        self.sent_kill = False
-        self.hold = False  # stopped on request: do not start it again by itself
-        self.tree: dict[int, psutil.Process] = {}
-        self.terminator: asyncio.Task[None] | None = None
-        self.escalate = asyncio.Event()
-        self.respawn_task: asyncio.Task[None] | None = None
-        self.done = False  # one-shot finished
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None
-
-    def track(self) -> None:
-        """Remember every descendant seen, so that none is left when the child stops."""
-        if self.proc is None:
-            return
-        try:
-            root = psutil.Process(self.proc.pid)
-            self.tree.setdefault(root.pid, root)
-            for c in root.children(recursive=True):
-                self.tree.setdefault(c.pid, c)
-        except psutil.Error:
-            pass
-
-    def remaining(self) -> list[psutil.Process]:
-        """Processes of this child's tree or group that are still alive."""
-        procs = {p.pid: p for p in self.tree.values() if _alive(p)}
-        if self.state.pgid is not None:
-            for p in _group_members(self.state.pgid):
-                if _alive(p):
-                    procs.setdefault(p.pid, p)
-        return list(procs.values())
 
 
 class Supervisor:
@@ -279,21 +107,21 @@ class Supervisor:
         self._control_enabled = control
         self._write_config = write_config
         self._order = [p.name for p in plan.processes]
-        self._children: dict[str, _Child] = {}
+        self._children: dict[str, Child] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[tuple[Any, ...]] | None = None
         self._early: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
-        self._status = RUN_STARTING
         self._outcome: str | None = None
-        self._failed_proc: str | None = None
-        self._reason: str | None = None
         self._shutdown = False
-        self._started_at = time.time()
-        self._ended_at: float | None = None
-        self._history: list[dict[str, Any]] = []
-        self._control_path: str | None = None
-        self._preexec = _make_preexec()
+        # run.json: the children's ProcessInfo objects join it as they are created
+        self._run = RunInfo(
+            name=plan.name, status=RUN_STARTING, run_dir=str(self.rd.path), config=str(self.rd.config),
+            supervisor_pid=os.getpid(), started_at=time.time(),
+            ports={"server": plan.server_port, "sync": plan.sync_port}, server_url=plan.server_url,
+            engine=plan.engine, model=plan.model, max_steps=plan.max_steps, stop_grace_s=self.grace_s,
+        )
+        self._preexec = proctree.make_preexec()
         self._token = plan.shared_env.get(contract.ENV_RUN_TOKEN)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -322,29 +150,13 @@ class Supervisor:
         self._post((cmd, proc, fut))
         return await fut
 
+    def info(self) -> RunInfo:
+        """The current state, as ``run.json`` holds it (the supervisor's own object: read it only)."""
+        return self._run
+
     def snapshot(self) -> dict[str, Any]:
-        """The current ``run.json`` content."""
-        return {
-            "version": RUN_JSON_VERSION,
-            "name": self.plan.name,
-            "run_dir": str(self.rd.path),
-            "config": str(self.rd.config),
-            "supervisor_pid": os.getpid(),
-            "status": self._status,
-            "exit_code": _EXIT_CODES.get(self._status),
-            "started_at": self._started_at,
-            "ended_at": self._ended_at,
-            "ports": {"server": self.plan.server_port, "sync": self.plan.sync_port},
-            "server_url": self.plan.server_url,
-            "engine": self.plan.engine,
-            "model": self.plan.model,
-            "control_socket": self._control_path,
-            "failed_process": self._failed_proc,
-            "reason": self._reason,
-            "stop_grace_s": self.grace_s,
-            "processes": {n: self._children[n].state.to_json() for n in self._order if n in self._children},
-            "history": list(self._history),
-        }
+        """The current ``run.json`` content (JSON)."""
+        return self.info().to_json()
 
     # ----- main -----
 
@@ -352,7 +164,8 @@ class Supervisor:
         """Run the plan to its end; every process of the run is gone when this returns."""
         self._loop = asyncio.get_running_loop()
         self._inbox = asyncio.Queue()
-        self._children = {s.name: _Child(s) for s in self.plan.processes}
+        self._children = {s.name: Child(s) for s in self.plan.processes}
+        self._run.processes = {n: self._children[n].state for n in self._order}
         with self._lock:
             for msg in self._early:
                 self._inbox.put_nowait(msg)
@@ -360,11 +173,9 @@ class Supervisor:
         self._setup_dir()
         control = None
         if self._control_enabled:
-            from vlmrl_tui.control import ControlServer
-
-            control = ControlServer(self, self.rd.path)
+            control = ControlServer(self.command, self.rd.path)
             try:
-                self._control_path = await control.start()
+                self._run.control_socket = await control.start()
             except OSError as e:
                 self._event("info", None, None, f"control socket unavailable: {e}")
                 control = None
@@ -375,7 +186,7 @@ class Supervisor:
         except BaseException:
             # Cancelled or crashed: nothing of the run may outlive us.
             self._outcome = self._outcome or RUN_FAILED
-            self._reason = self._reason or "supervisor interrupted"
+            self._run.reason = self._run.reason or "supervisor interrupted"
             await asyncio.shield(self._kill_everything())
             raise
         finally:
@@ -384,11 +195,11 @@ class Supervisor:
                 t.cancel()
             if control is not None:
                 await control.close()
-            self._ended_at = time.time()
-            self._control_path = None
+            self._run.ended_at = time.time()
+            self._run.control_socket = None
             self._set_run_status(self._outcome or RUN_FAILED)
             self._write()
-        return _EXIT_CODES[self._status]
+        return RUN_EXIT_CODES[self._run.status]
 
     def _task(self, coro: Any) -> asyncio.Task[Any]:
         """Create a task and keep a reference until it is done (asyncio keeps weak ones)."""
@@ -443,106 +254,29 @@ class Supervisor:
             if dep is not None and dep.state.status != HEALTHY:
                 continue
             await self._spawn(c)
-        if self._status in (RUN_PREPARING, RUN_STARTING) and all(
+        if self._run.status in (RUN_PREPARING, RUN_STARTING) and all(
             c.spec.one_shot or c.state.status in (HEALTHY, RUNNING) for c in self._children.values()
         ):
             self._set_run_status(RUN_RUNNING)
 
     # ----- spawning and watching -----
 
-    async def _spawn(self, c: _Child) -> None:
-        spec = c.spec
-        argv = list(spec.restart_argv) if (c.starts > 0 and spec.restart_argv) else list(spec.argv)
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            attempt = f" (restart {c.state.restarts})" if c.starts else ""
-            os.write(fd, f"--- vlmrl: starting {spec.name}{attempt} at {stamp}\n".encode())
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    cwd=str(spec.cwd),
-                    env=dict(spec.env),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=fd,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=self._preexec,
-                )
-            except OSError as e:
-                os.write(fd, f"--- vlmrl: cannot start {spec.name}: {e}\n".encode())
-                c.starts += 1
-                c.state.argv = argv
-                self._set_state(c, FAILED, f"cannot start: {e}", ended=True)
-                await self._failed(c, f"{spec.name} cannot start: {e}")
-                return
-        finally:
-            os.close(fd)
-        c.starts += 1
-        c.gen += 1
-        c.proc = proc
-        c.stop_reason = None
-        c.sent_kill = False
-        c.escalate = asyncio.Event()
-        c.tree = {}
-        c.track()
-        st = c.state
-        st.argv, st.pid, st.pgid = argv, proc.pid, proc.pid
-        st.started_at, st.healthy_at, st.ended_at = time.time(), None, None
-        st.exit_code = st.signal = None
-        st.stopping = False
-        st.health = None
-        status = STARTING if spec.health_url else RUNNING
-        self._set_state(c, status, f"pid {proc.pid}")
-        self._task(self._watch(c, c.gen, proc))
-        if spec.health_url:
-            self._task(self._health_loop(c, c.gen))
-
-    async def _watch(self, c: _Child, gen: int, proc: asyncio.subprocess.Process) -> None:
-        rc = await proc.wait()
-        self._post(("exit", c.spec.name, (gen, rc)))
-
-    async def _health_loop(self, c: _Child, gen: int) -> None:
-        import httpx
-
-        spec = c.spec
-        assert spec.health_url is not None
-        t0 = time.monotonic()
-        timeout = spec.start_timeout_s or float("inf")
-        healthy = False
-        last_ok: bool | None = None
-        async with httpx.AsyncClient(trust_env=False, timeout=max(1.0, min(5.0, self.health_poll_s * 2))) as client:
-
-            async def probe(url: str) -> bool:
-                try:
-                    r = await client.get(url)
-                    return r.status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            while c.gen == gen and c.alive and c.stop_reason is None:
-                ok = await probe(spec.health_url)
-                if ok and spec.models_url and not healthy:
-                    ok = await probe(spec.models_url)
-                if c.gen != gen or not c.alive:
-                    return
-                if not healthy:
-                    if ok:
-                        healthy = True
-                        self._post(("healthy", spec.name, (gen, time.monotonic() - t0)))
-                    elif time.monotonic() - t0 > timeout:
-                        self._post(("start_timeout", spec.name, (gen, timeout)))
-                        return
-                elif ok != last_ok:
-                    self._post(("health", spec.name, (gen, ok)))
-                last_ok = ok
-                await asyncio.sleep(self.health_poll_s)
+    async def _spawn(self, c: Child) -> None:
+        error = await c.start(self._preexec)
+        if error is not None:
+            self._set_state(c, FAILED, f"cannot start: {error}", ended=True)
+            await self._failed(c, f"{c.name} cannot start: {error}")
+            return
+        assert c.proc is not None
+        self._set_state(c, STARTING if c.spec.health_url else RUNNING, f"pid {c.proc.pid}")
+        self._task(c.watch_exit(self._post, c.gen, c.proc))
+        if c.spec.health_url:
+            self._task(c.watch_health(self._post, c.gen, self.health_poll_s))
 
     async def _track_loop(self) -> None:
         while True:
             for c in self._children.values():
-                c.track()
+                c.tree.track()
             await asyncio.sleep(_TRACK_EVERY_S)
 
     # ----- messages -----
@@ -598,7 +332,7 @@ class Supervisor:
             if isinstance(fut, asyncio.Future) and not fut.done():
                 fut.set_result({"ok": False, "error": f"unknown command {kind!r} or process {name!r}"})
 
-    def _command(self, cmd: str, name: str | None, c: _Child | None) -> dict[str, Any]:
+    def _command(self, cmd: str, name: str | None, c: Child | None) -> dict[str, Any]:
         if name is not None and c is None:
             return {"ok": False, "error": f"no process named {name!r} (known: {', '.join(self._order)})"}
         if cmd == "status":
@@ -642,11 +376,9 @@ class Supervisor:
                 return n
         return None
 
-    async def _on_exit(self, c: _Child, rc: int) -> None:
+    async def _on_exit(self, c: Child, rc: int) -> None:
         st = c.state
-        c.proc = None
-        st.exit_code, st.signal, st.ended_at = rc, signal_name(rc), time.time()
-        st.stopping = False
+        c.exited(rc)
         how = f"killed by {st.signal}" if st.signal else f"exit code {rc}"
         # Leftovers of the group (e.g. engine workers of a crashed server) go too.
         if c.terminator is None or c.terminator.done():
@@ -667,7 +399,7 @@ class Supervisor:
             if rc == 0:
                 c.done = True
                 self._set_state(c, EXITED, "done", ended=True)
-                if self._status == RUN_PREPARING:
+                if self._run.status == RUN_PREPARING:
                     self._set_run_status(RUN_STARTING)
             else:
                 self._set_state(c, FAILED if rc > 0 else KILLED, how, ended=True)
@@ -697,11 +429,11 @@ class Supervisor:
         self._set_state(c, status, unexpected + limit, ended=True)
         await self._failed(c, f"{c.spec.name} {unexpected}{limit}")
 
-    async def _failed(self, c: _Child, reason: str) -> None:
+    async def _failed(self, c: Child, reason: str) -> None:
         self._event("failure", c.spec.name, c.state.status, reason, tail=True)
         self._begin_shutdown(RUN_FAILED, c.spec.name, reason)
 
-    def _schedule_respawn(self, c: _Child, delay: float) -> None:
+    def _schedule_respawn(self, c: Child, delay: float) -> None:
         async def later(term: asyncio.Task[None] | None) -> None:
             if term is not None:
                 await asyncio.wait([term])  # old tree gone first: port and GPU memory free
@@ -714,7 +446,7 @@ class Supervisor:
 
     def _begin_shutdown(self, outcome: str, failed: str | None, reason: str, immediate: bool = False) -> None:
         if self._outcome is None:
-            self._outcome, self._failed_proc, self._reason = outcome, failed, reason
+            self._outcome, self._run.failed_process, self._run.reason = outcome, failed, reason
         first = not self._shutdown
         self._shutdown = True
         if first:
@@ -742,7 +474,7 @@ class Supervisor:
                 c.escalate.set()
         self._write()
 
-    def _start_terminator(self, c: _Child, why: str, immediate: bool = False, leader_gone: bool = False) -> None:
+    def _start_terminator(self, c: Child, why: str, immediate: bool = False, leader_gone: bool = False) -> None:
         if not leader_gone:
             c.stop_reason = why
             c.state.stopping = True
@@ -752,89 +484,60 @@ class Supervisor:
             c.escalate.set()
         if c.terminator is not None and not c.terminator.done():
             return
-        c.track()
+        c.tree.track()
         c.terminator = self._task(self._terminate(c, leader_gone))
 
-    async def _terminate(self, c: _Child, leader_gone: bool) -> None:
-        """SIGTERM the child's group and tree, wait the grace period, SIGKILL what is left."""
+    async def _terminate(self, c: Child, leader_gone: bool) -> None:
         try:
-            await self._terminate_tree(c, leader_gone)
+            await c.terminate(self.grace_s, leader_gone)
         finally:
-            self._post(("reaped", c.spec.name, None))  # wakes the main loop
-
-    async def _terminate_tree(self, c: _Child, leader_gone: bool) -> None:
-        pgid = c.state.pgid
-        procs = c.remaining()
-        if leader_gone and not procs:
-            return
-        if c.escalate.is_set():
-            _send(procs, pgid, signal.SIGKILL)
-        else:
-            _send(procs, pgid, signal.SIGTERM)
-            deadline = time.monotonic() + self.grace_s
-            while time.monotonic() < deadline and not c.escalate.is_set():
-                c.track()
-                if not c.remaining():
-                    break
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(c.escalate.wait(), _REAP_POLL_S)
-            left = c.remaining()
-            if left:
-                c.sent_kill = True
-                _send(left, pgid, signal.SIGKILL)
-        end = time.monotonic() + 5.0
-        while time.monotonic() < end:
-            left = c.remaining()
-            if not left:
-                break
-            _send(left, pgid, signal.SIGKILL)
-            await asyncio.sleep(_REAP_POLL_S)
+            self._post(("reaped", c.name, None))  # wakes the main loop
 
     async def _kill_everything(self) -> None:
         self._shutdown = True
         for c in self._children.values():
-            c.track()
-            _send(c.remaining(), c.state.pgid, signal.SIGKILL)
+            c.tree.track()
+            c.tree.signal(signal.SIGKILL)
             if c.proc is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(c.proc.wait(), 5.0)
                 rc = c.proc.returncode if c.proc is not None else None
                 c.proc = None
-                c.state.exit_code, c.state.signal, c.state.ended_at = rc, signal_name(rc), time.time()
+                c.state.exit_code, c.state.signal, c.state.ended_at = rc, proctree.signal_name(rc), time.time()
                 c.state.status, c.state.reason = KILLED, "SIGKILL by vlmrl (supervisor interrupted)"
         await self._sweep_token()
 
     async def _sweep_token(self) -> None:
+        """Stop anything carrying this run's token that escaped every tree."""
         if not self._token:
             return
-        left = await asyncio.to_thread(_processes_with_token, self._token)
-        if not left:
-            return
-        self._event("info", None, None, f"stopping {len(left)} leftover process(es) of this run")
-        _send(left, None, signal.SIGTERM)
-        _gone, alive = await asyncio.to_thread(psutil.wait_procs, left, min(self.grace_s, 5.0))
-        _send(list(alive), None, signal.SIGKILL)
-        await asyncio.to_thread(psutil.wait_procs, list(alive), 5.0)
+        left = await asyncio.to_thread(proctree.processes_with_token, self._token)
+        if left:
+            self._event("info", None, None, f"stopping {len(left)} leftover process(es) of this run")
+            await proctree.stop_processes(left, self.grace_s)
 
     # ----- state and events -----
 
-    def _set_state(self, c: _Child, status: str, reason: str | None, ended: bool = False) -> None:
+    def _set_state(self, c: Child, status: str, reason: str | None, ended: bool = False) -> None:
         st = c.state
         st.status, st.reason = status, reason
         if ended and st.ended_at is None:
             st.ended_at = time.time()
-        entry = {"time": time.time(), "proc": c.spec.name, "status": status, "reason": reason}
-        self._history.append(entry)
-        del self._history[:-HISTORY_MAX]
-        self._event("state", c.spec.name, status, state_line(c.spec.name, st.to_json()))
+        self._add_history(HistoryEntry(time.time(), c.spec.name, status, reason))
+        self._event("state", c.spec.name, status, state_line(st))
         self._write()
 
+    def _add_history(self, entry: HistoryEntry) -> None:
+        self._run.history.append(entry)
+        del self._run.history[:-HISTORY_MAX]
+
     def _set_run_status(self, status: str) -> None:
-        if self._status == status:
+        if self._run.status == status:
             return
-        self._status = status
-        self._history.append({"time": time.time(), "proc": None, "status": status, "reason": self._reason})
-        self._event("run", None, status, f"run: {status}" + (f" - {self._reason}" if self._reason else ""))
+        self._run.status, self._run.exit_code = status, RUN_EXIT_CODES.get(status)
+        entry = HistoryEntry(time.time(), None, status, self._run.reason)
+        self._add_history(entry)
+        self._event("run", None, status, entry.line())
         self._write()
 
     def _event(self, kind: str, proc: str | None, status: str | None, message: str, tail: bool = False) -> None:

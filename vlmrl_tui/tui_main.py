@@ -13,75 +13,11 @@ closing it can leave the run going headless.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import VlmrlError
-
-SUPERVISOR_LOG = "supervisor"
-
-
-@dataclass
-class LaunchedRun:
-    """A ``vlmrl run`` this dashboard started."""
-
-    process: subprocess.Popen[bytes]
-    run_dir: Path
-    log_path: Path
-    stop_timeout_s: float = 60.0
-
-
-def launch_command(config: Path, overrides: list[str], output_dir: Path | None,
-                   name: str | None = None, resume: bool = False) -> list[str]:
-    """The ``vlmrl run`` command line (through this interpreter)."""
-    argv = [sys.executable, "-m", "vlmrl_tui.cli", "run"]
-    if output_dir is not None:
-        argv += ["--output-dir", str(output_dir)]
-    if name:
-        argv += ["--name", name]
-    if resume:
-        argv.append("--resume")
-    return argv + [str(config), *overrides]
-
-
-def resolve_run_dir(config: Path, overrides: list[str], output_dir: Path | None,
-                    name: str | None = None) -> tuple[Path, float]:
-    """Where ``vlmrl run`` will put the run, and its stop grace (validates the config)."""
-    from backend.config import load_config
-
-    ov = list(overrides)
-    if name:
-        ov.append(f"trainer.args.run_name={json.dumps(name)}")
-    if output_dir is not None:
-        ov.append(f"trainer.args.output_dir={json.dumps(str(output_dir))}")
-    cfg = load_config(config, ov)
-    return (Path.cwd() / cfg.run_dir()).resolve(), cfg.run.stop_grace_s
-
-
-def launch_run(config: Path, overrides: list[str], output_dir: Path | None = None,
-               name: str | None = None, resume: bool = False) -> LaunchedRun:
-    """Start ``vlmrl run`` detached (own session), its output appended to logs/supervisor.log."""
-    from vlmrl_tui.plan import run_dir_problem
-
-    run_dir, grace = resolve_run_dir(config, overrides, output_dir, name)
-    problem = run_dir_problem(run_dir, resume)
-    if problem is not None:
-        raise VlmrlError(problem)
-    log_path = run_dir / "logs" / f"{SUPERVISOR_LOG}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    argv = launch_command(config, overrides, output_dir, name, resume)
-    with open(log_path, "ab") as log:
-        log.write(f"--- vlmrl-tui: {' '.join(argv[1:])} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        log.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env=env)
-    return LaunchedRun(process, run_dir, log_path, stop_timeout_s=2 * grace + 20.0)
+from vlmrl_tui.launch import LaunchedRun, launch_run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,12 +6,11 @@ thread-safe); the handlers run on the UI thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from textual.message import Message
 
-from vlmrl_tui.panes.feed import RunUpdate
+from vlmrl_tui.watch import ProcSample, RunUpdate
 
 
 class RunUpdated(Message):
@@ -20,18 +19,6 @@ class RunUpdated(Message):
     def __init__(self, update: RunUpdate) -> None:
         super().__init__()
         self.update = update
-
-
-@dataclass(frozen=True)
-class ProcSample:
-    """Resource use of one supervised process (and its children) at one instant."""
-
-    pid: int | None
-    alive: bool
-    cpu_percent: float | None = None  # % of one core, summed over the process tree
-    rss_bytes: int | None = None
-    health_ms: float | None = None  # /health latency (server only)
-    health_ok: bool | None = None
 
 
 class ProcStatsUpdated(Message):

@@ -8,22 +8,17 @@ log several steps a second, and nothing needs redrawing that often.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Static
 
+from backend import records as r
+from backend.records import MetricRecord
 from vlmrl_tui.panes.chart import LineChart, Series
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -39,46 +34,36 @@ class PlotSpec:
 
 
 PLOTS: tuple[PlotSpec, ...] = (
-    PlotSpec("reward ± std", "reward_mean", band="reward_std"),
-    PlotSpec("loss", "loss"),
-    PlotSpec("KL", "kl", extra=("mismatch_kl",)),
-    PlotSpec("ratio min/mean/max", "ir", low="ir_min", high="ir_max"),
-    PlotSpec("entropy", "entropy"),
-    PlotSpec("tokens/s", "tokens_per_s"),
+    PlotSpec("reward ± std", r.REWARD_MEAN, band=r.REWARD_STD),
+    PlotSpec("loss", r.LOSS),
+    PlotSpec("KL", r.KL, extra=(r.MISMATCH_KL,)),
+    PlotSpec("ratio min/mean/max", r.IR, low=r.IR_MIN, high=r.IR_MAX),
+    PlotSpec("entropy", r.ENTROPY),
+    PlotSpec("tokens/s", r.TOKENS_PER_S),
 )
 
 TABLE_KEYS: tuple[tuple[str, str], ...] = (
-    ("reward_mean", "reward"),
-    ("reward_std", "reward std"),
-    ("loss", "loss"),
-    ("kl", "KL"),
-    ("mismatch_kl", "mismatch KL"),
-    ("ir", "ratio"),
-    ("ir_min", "ratio min"),
-    ("ir_max", "ratio max"),
-    ("entropy", "entropy"),
-    ("clip_frac", "clip frac"),
-    ("masked_frac", "masked frac"),
-    ("grad_norm", "grad norm"),
-    ("lr", "lr"),
-    ("tokens_per_s", "tokens/s"),
-    ("rollout_s", "rollout s"),
-    ("train_s", "train s"),
-    ("sync_s", "sync s"),
-    ("step_s", "step s"),
+    (r.REWARD_MEAN, "reward"),
+    (r.REWARD_STD, "reward std"),
+    (r.LOSS, "loss"),
+    (r.KL, "KL"),
+    (r.MISMATCH_KL, "mismatch KL"),
+    (r.IR, "ratio"),
+    (r.IR_MIN, "ratio min"),
+    (r.IR_MAX, "ratio max"),
+    (r.ENTROPY, "entropy"),
+    (r.CLIP_FRAC, "clip frac"),
+    (r.MASKED_FRAC, "masked frac"),
+    (r.GRAD_NORM, "grad norm"),
+    (r.LR, "lr"),
+    (r.TOKENS_PER_S, "tokens/s"),
+    (r.ROLLOUT_S, "rollout s"),
+    (r.TRAIN_S, "train s"),
+    (r.SYNC_S, "sync s"),
+    (r.STEP_S, "step s"),
 )
 
 MAX_POINTS = 600  # series longer than this are bucketed (bucket means) before plotting
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def format_value(v: float | None) -> str:
@@ -126,17 +111,17 @@ class MetricsStore:
     """Metric records by step (a resumed run that logs a step again replaces it)."""
 
     def __init__(self) -> None:
-        self.records: dict[int, dict[str, Any]] = {}
+        self.records: dict[int, MetricRecord] = {}
         self._steps: list[int] | None = None
         self._series: dict[str, tuple[list[float], list[float]]] = {}  # by key, until the next add
 
-    def add(self, records: Iterable[dict[str, Any]]) -> int:
+    def add(self, records: Iterable[MetricRecord | Mapping[str, Any]]) -> int:
         n = 0
-        for rec in records:
-            step = _num(rec.get("step"))
-            if step is None:
+        for item in records:
+            rec = MetricRecord.from_json(item)
+            if rec is None:
                 continue
-            self.records[int(step)] = rec
+            self.records[rec.step] = rec
             n += 1
         if n:
             self._steps = None
@@ -158,37 +143,25 @@ class MetricsStore:
         ys: list[float] = []
         records = self.records
         for step in self.steps:
-            v = _num(records[step].get(key))
+            v = records[step].finite(key)
             if v is not None:
                 xs.append(float(step))
                 ys.append(v)
         self._series[key] = (xs, ys)
         return xs, ys
 
-    def latest(self) -> dict[str, Any]:
-        return self.records[max(self.records)] if self.records else {}
+    def latest(self) -> MetricRecord | None:
+        return self.records[max(self.records)] if self.records else None
 
     def step_seconds(self, window: int = 20) -> float | None:
         """Recent seconds per step (from ``step_s``, else from ``time`` stamps)."""
         steps = self.steps[-window:]
-        vals = [v for s in steps if (v := _num(self.records[s].get("step_s"))) is not None]
+        vals = [v for s in steps if (v := self.records[s].finite(r.STEP_S)) is not None]
         if vals:
             return sum(vals) / len(vals)
-        times = [(s, t) for s in steps if (t := _num(self.records[s].get("time"))) is not None]
+        times = [(s, t) for s in steps if (t := self.records[s].finite(r.TIME)) is not None]
         if len(times) >= 2 and times[-1][0] > times[0][0]:
             return (times[-1][1] - times[0][1]) / (times[-1][0] - times[0][0])
-        return None
-
-
-def max_steps_of(run_dir: Path | None) -> int | None:
-    """``trainer.args.max_steps`` from the run's resolved config, if readable."""
-    if run_dir is None:
-        return None
-    try:
-        data = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
-        v = data["trainer"]["args"]["max_steps"]
-        return int(v)
-    except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError):
         return None
 
 
@@ -273,12 +246,11 @@ class MetricsPane(Vertical):
     MetricsPane #metrics-table { width: 25; height: 1fr; padding: 0 1; }
     """
 
-    def __init__(self, run_dir: Path | None = None, redraw_s: float = 2.0, *, id: str | None = None) -> None:
+    def __init__(self, redraw_s: float = 2.0, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.run_dir = run_dir
         self.redraw_s = redraw_s
         self.store = MetricsStore()
-        self.max_steps: int | None = max_steps_of(run_dir)
+        self.max_steps: int | None = None  # from run.json
         self.finished = False
         self._dirty = False
         self._timer_pending = False
@@ -312,21 +284,16 @@ class MetricsPane(Vertical):
         text.rstrip()
         return text
 
-    def set_run_dir(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.max_steps = max_steps_of(run_dir)
-        self._dirty = True
-        self._schedule()
-
-    def add(self, records: list[dict[str, Any]]) -> None:
+    def add(self, records: list[MetricRecord]) -> None:
         """Take new metric records; redraw soon (throttled, only when on screen)."""
         if self.store.add(records):
             self._dirty = True
             self._schedule()
 
-    def set_finished(self, finished: bool) -> None:
-        if finished != self.finished:
-            self.finished = finished
+    def set_run(self, max_steps: int | None, finished: bool) -> None:
+        """What run.json says: the step count to reach, and whether the run ended."""
+        if (max_steps, finished) != (self.max_steps, self.finished):
+            self.max_steps, self.finished = max_steps, finished
             self._dirty = True
             self._schedule()
 
@@ -350,7 +317,7 @@ class MetricsPane(Vertical):
             return  # redrawn on show
         self._dirty = False
         latest = self.store.latest()
-        self.latest_values = {key: format_value(_num(latest.get(key))) for key, _ in TABLE_KEYS}
+        self.latest_values = {key: format_value(latest.finite(key) if latest else None) for key, _ in TABLE_KEYS}
         self.table.update(self.latest_table(self.latest_values), layout=False)
         self._update_progress(latest)
         for plot in self.query(MetricPlot):
@@ -359,9 +326,9 @@ class MetricsPane(Vertical):
     def progress_text(self) -> str:
         """``step 37/200 · 0.52 s/step · ETA 1m 25s``."""
         latest = self.store.latest()
-        if not latest:
+        if latest is None:
             return "waiting for the first step"
-        step = int(_num(latest.get("step")) or 0)
+        step = latest.step
         per = self.store.step_seconds()
         parts = [f"step {step}" + (f"/{self.max_steps}" if self.max_steps else "")]
         if per is not None:
@@ -372,7 +339,7 @@ class MetricsPane(Vertical):
             parts.append(f"ETA {format_duration(max(0, self.max_steps - step) * per)}")
         return " · ".join(parts)
 
-    def _update_progress(self, latest: dict[str, Any]) -> None:
-        step = int(_num(latest.get("step")) or 0) if latest else 0
+    def _update_progress(self, latest: MetricRecord | None) -> None:
+        step = latest.step if latest is not None else 0
         self._bar.show(step, self.max_steps)
         self._eta.update(Text(self.progress_text()), layout=False)

@@ -15,7 +15,8 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from backend.rundir import RunDirectory, last_lines, read_json
+from backend.records import RUN_COMPLETED, RUN_FAILED, RUN_RUNNING, MetricRecord, RunInfoError
+from backend.rundir import RunDirectory, last_lines
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,11 @@ class RunEntry:
 def _last_step(rd: RunDirectory) -> int | None:
     for line in reversed(last_lines(rd.metrics, 5)):
         try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
+            rec = MetricRecord.from_json(json.loads(line))
+        except ValueError:
             continue
-        if isinstance(step, int):
-            return step
+        if rec is not None:
+            return rec.step
     return None
 
 
@@ -50,15 +51,18 @@ def list_runs(output_dir: Path, limit: int = 100) -> list[RunEntry]:
         rd = RunDirectory(child)
         if not child.is_dir() or not (rd.run_json.exists() or rd.logs_dir.is_dir()):
             continue
-        info = read_json(rd.run_json) or {}
+        try:
+            info = rd.run_info()
+            status = info.status if info is not None else "unknown"
+        except RunInfoError:  # listed; attaching to it says why it cannot be read
+            info, status = None, "unreadable run.json"
         stamps = [p.stat().st_mtime for p in (rd.run_json, rd.metrics, rd.logs_dir) if p.exists()]
-        started = info.get("started_at")
         entries.append(
             RunEntry(
                 path=child,
-                name=str(info.get("name") or child.name),
-                status=str(info.get("status") or "unknown"),
-                started_at=float(started) if isinstance(started, (int, float)) else None,
+                name=info.name if info is not None and info.name else child.name,
+                status=status,
+                started_at=info.started_at if info is not None else None,
                 last_step=_last_step(rd),
                 mtime=max(stamps) if stamps else child.stat().st_mtime,
             )
@@ -115,7 +119,7 @@ class RunPickerScreen(Screen[Path | None]):
         ))
         for e in self.entries:
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.started_at)) if e.started_at else "—"
-            status_style = {"failed": "red", "running": "green", "completed": "cyan"}.get(e.status, "")
+            status_style = {RUN_FAILED: "red", RUN_RUNNING: "green", RUN_COMPLETED: "cyan"}.get(e.status, "")
             table.add_row(
                 e.name, Text(e.status, style=status_style), started,
                 "—" if e.last_step is None else str(e.last_step), str(e.path), key=str(e.path),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,7 +28,8 @@ from textual.cache import LRUCache
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
-from vlmrl_tui.panes.feed import display_path
+from backend.records import RolloutRecord, rollout_position
+from vlmrl_tui.watch import display_path
 from vlmrl_tui.panes.table import RowTable
 
 SORT_MODES = ("index", "best", "worst")
@@ -116,70 +116,6 @@ class HalfBlockImage:
             yield Segment.line()
 
 
-@dataclass
-class RolloutRecord:
-    """One line of rollouts.jsonl, with the fields the pane shows."""
-
-    step: int
-    index: int
-    group: int
-    example_id: str
-    prompt: str
-    completion: str
-    reward: float
-    reward_parts: dict[str, float]
-    advantage: float | None
-    images: list[str]
-    answer: str | None = None
-
-    @classmethod
-    def from_json(cls, rec: dict[str, Any]) -> "RolloutRecord":
-        def num(v: Any, default: float | None = 0.0) -> float | None:
-            try:
-                return float(v)
-            except (TypeError, ValueError):
-                return default
-
-        parts = rec.get("reward_parts") or rec.get("parts") or {}  # the trainer writes "parts"
-        answer = rec.get("answer")
-        return cls(
-            step=int(rec.get("step", 0)),
-            index=int(rec.get("index", 0)),
-            group=int(rec.get("group", 0)),
-            example_id=str(rec.get("example_id", "")),
-            prompt=_prompt_text(rec.get("prompt", "")),
-            completion=str(rec.get("completion", "")),
-            reward=num(rec.get("reward")) or 0.0,
-            reward_parts={str(k): float(num(v) or 0.0) for k, v in parts.items()} if isinstance(parts, dict) else {},
-            advantage=num(rec.get("advantage"), None),
-            images=[str(p) for p in rec.get("images") or []],
-            answer=None if answer is None else str(answer),
-        )
-
-
-def _prompt_text(prompt: Any) -> str:
-    """A prompt as text: a string as is, chat messages flattened, image parts marked."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list):
-        out: list[str] = []
-        for msg in prompt:
-            if not isinstance(msg, dict):
-                out.append(str(msg))
-                continue
-            content = msg.get("content")
-            role = msg.get("role", "")
-            if isinstance(content, list):
-                bits = [
-                    str(p.get("text", "")) if isinstance(p, dict) and p.get("type") == "text" else "[image]"
-                    for p in content
-                ]
-                content = " ".join(b for b in bits if b)
-            out.append(f"{role}: {content}" if role else str(content))
-        return "\n".join(out)
-    return str(prompt)
-
-
 class RolloutStore:
     """Rollouts grouped by step (the newest ``max_steps`` steps are kept).
 
@@ -198,10 +134,10 @@ class RolloutStore:
         """Add raw records; return the steps that changed."""
         changed: set[int] = set()
         for rec in records:
-            try:
-                step, index = int(rec.get("step", 0)), int(rec.get("index", 0))
-            except (AttributeError, TypeError, ValueError):
+            pos = rollout_position(rec)
+            if pos is None:
                 continue
+            step, index = pos
             by_index = self._raw.get(step)
             if by_index is None:
                 by_index = self._raw[step] = {}
@@ -234,7 +170,7 @@ class RolloutStore:
             for index in sorted(self._raw.get(step, {})):
                 try:
                     parsed.append(RolloutRecord.from_json(self._raw[step][index]))
-                except (TypeError, ValueError, AttributeError):
+                except ValueError:
                     continue
             self._parsed[step] = parsed
         return parsed
@@ -452,7 +388,7 @@ class RolloutsPane(Horizontal):
         grid.add_row("prompt", Text(r.prompt))
         grid.add_row("completion", Text(r.completion, style="bold"))
         if r.answer is not None:
-            grid.add_row("answer", r.answer)
+            grid.add_row("answer", str(r.answer))
         for rel in r.images:
             path = self.image_path(rel).resolve()
             grid.add_row("png", Text(display_path(path), style=Style(link=path.as_uri(), underline=True)))

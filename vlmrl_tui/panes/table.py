@@ -25,6 +25,15 @@ from textual.strip import Strip
 Cell = Union[str, Text]
 
 
+def update_scrollbars(view: ScrollView, size: Size) -> None:
+    """Refresh ``view``'s scrollbars for a virtual size set without a layout.
+
+    Textual has no public call for this: ``ScrollView._scroll_update`` is what a layout
+    ends with. Checked with Textual 8.2 (pyproject pins ``textual>=8.2,<9``).
+    """
+    view._scroll_update(size)
+
+
 def set_virtual_size_quietly(view: ScrollView, size: Size, on_screen: bool) -> None:
     """Set ``view``'s scrollable size without laying out the screen.
 
@@ -37,7 +46,7 @@ def set_virtual_size_quietly(view: ScrollView, size: Size, on_screen: bool) -> N
         return
     view.set_reactive(ScrollView.virtual_size, size)
     if on_screen and view.container_size:
-        view._scroll_update(size)
+        update_scrollbars(view, size)
 
 
 def _cell_key(cell: Cell) -> Any:
