@@ -30,7 +30,12 @@ HEADLESS_MODULES = [
     "vlmrl_tui.headless",
     "vlmrl_tui.doctor",
     "vlmrl_tui.gpu",
-    "vlmrl_tui.panes.feed",
+    "vlmrl_tui.watch",
+    "vlmrl_tui.launch",
+    "vlmrl_tui.proctree",
+    "vlmrl_tui.child",
+    "backend.records",
+    "backend.net",
 ]
 
 GUARD = textwrap.dedent(
