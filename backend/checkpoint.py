@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from backend import records
-from backend.rundir import RunDirectory, write_json_atomic
+from backend.rundir import RunDirectory, checkpoint_complete, write_json_atomic
 
 
 def _numpy_rng_state() -> Any:
@@ -64,16 +64,11 @@ def save_checkpoint(run_dir: RunDirectory, model: Any, processor: Any, optimizer
     return final
 
 
-def is_complete(path: str | Path) -> bool:
-    """Whether ``path`` is a checkpoint written whole."""
-    return (Path(path) / records.CHECKPOINT_MARKER).exists()
-
-
 def load_checkpoint(path: str | Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     device: torch.device | str) -> int:
     """Restore weights, optimizer, scheduler and RNG from ``path``; returns its step."""
     path = Path(path)
-    if not is_complete(path):
+    if not checkpoint_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {records.CHECKPOINT_MARKER})")
     from safetensors.torch import load_file
 

@@ -130,16 +130,17 @@ class Probe:
             return {}
 
 
-def _error_text(body: bytes) -> str:
-    """An OpenAI-style error's message, else the start of the body."""
+def error_message(body: bytes) -> str:
+    """What an HTTP error body says: an OpenAI-style ``error.message`` (or FastAPI's
+    ``detail``), else the start of the body."""
     try:
         data = json.loads(body)
     except ValueError:
-        return body[:300].decode("utf-8", errors="replace")
-    err = data.get("error", data) if isinstance(data, dict) else data
+        return body[:500].decode("utf-8", errors="replace")
+    err = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
     if isinstance(err, dict):
         return str(err.get("message", err))
-    return str(err)[:300]
+    return str(err)[:500]
 
 
 def probe_http(url: str, timeout_s: float = 2.0) -> Probe:
@@ -152,9 +153,9 @@ def probe_http(url: str, timeout_s: float = 2.0) -> Probe:
     except urllib.error.HTTPError as e:
         body = e.read(_MAX_BODY) if e.fp is not None else b""
         e.close()
-        return Probe(url, e.code, (time.perf_counter() - t0) * 1000.0, f"HTTP {e.code}: {_error_text(body)}", body)
+        return Probe(url, e.code, (time.perf_counter() - t0) * 1000.0, f"HTTP {e.code}: {error_message(body)}", body)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
         return Probe(url, None, None, f"{type(reason).__name__}: {reason}")
     latency = (time.perf_counter() - t0) * 1000.0
-    return Probe(url, status, latency, None if status == 200 else f"HTTP {status}: {_error_text(body)}", body)
+    return Probe(url, status, latency, None if status == 200 else f"HTTP {status}: {error_message(body)}", body)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from backend import contract
 from backend.errors import VlmrlError
-from backend.net import probe_http
+from backend.net import error_message, probe_http
 from backend.rollout_types import Rollout
 from backend.sampling import logit_bias_for
 from environments.base import Environment, Example
@@ -97,17 +97,6 @@ def to_openai_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
         wire.append({"role": msg["role"], "content": wparts})
         local.append({**msg, "content": lparts})
     return wire, local, images
-
-
-def _error_message(r: httpx.Response) -> str:
-    try:
-        data = r.json()
-    except ValueError:
-        return r.text[:300]
-    err = data.get("error", data) if isinstance(data, dict) else data
-    if isinstance(err, dict):
-        return str(err.get("message", err))
-    return str(err)[:300]
 
 
 def parse_choice(choice: dict[str, Any]) -> tuple[list[int], list[float], str, str]:
@@ -250,10 +239,10 @@ class RolloutClient:
                 last = f"{type(e).__name__}: {e}"
                 continue
             if r.status_code in RETRY_STATUS:
-                last = f"HTTP {r.status_code}: {_error_message(r)}"
+                last = f"HTTP {r.status_code}: {error_message(r.content)}"
                 continue
             if r.status_code != 200:
-                raise RolloutError(f"{what}: HTTP {r.status_code}: {_error_message(r)}")
+                raise RolloutError(f"{what}: HTTP {r.status_code}: {error_message(r.content)}")
             try:
                 data = r.json()
             except ValueError:

@@ -90,7 +90,7 @@ class RunDirectory:
         steps = [
             int(p.name)
             for p in self.checkpoints_dir.iterdir()
-            if p.name.isdigit() and (p / records.CHECKPOINT_MARKER).exists()
+            if p.name.isdigit() and checkpoint_complete(p)
         ]
         return self.checkpoint(max(steps)) if steps else None
 
@@ -104,6 +104,11 @@ class RunDirectory:
 
     def exists(self) -> bool:
         return self.path.is_dir()
+
+
+def checkpoint_complete(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` was written whole (its marker is written last)."""
+    return (Path(path) / records.CHECKPOINT_MARKER).exists()
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

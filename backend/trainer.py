@@ -39,7 +39,7 @@ from backend.loss import LossStats, group_advantages, grpo_loss
 from backend.optim import make_optimizer
 from backend.rollout_types import Rollout
 from backend.rollout_writer import RolloutWriter
-from backend.rundir import JsonlWriter, RunDirectory
+from backend.rundir import JsonlWriter, RunDirectory, checkpoint_complete
 from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
 from environments.base import Environment, Example
 
@@ -368,7 +368,7 @@ class MultimodalGRPOTrainer:
                 if cfg.save_every and step % cfg.save_every == 0 and self.run_dir is not None:
                     self.save_checkpoint()
                     last_saved = step
-            if self.run_dir is not None and last_saved != self.step and not checkpoint.is_complete(
+            if self.run_dir is not None and last_saved != self.step and not checkpoint_complete(
                     self.run_dir.checkpoint(self.step)):
                 self.save_checkpoint()
         finally:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from backend import contract
 from backend.errors import WeightSyncError
+from backend.net import error_message
 from backend.weight_sync.groups import (
     DEFAULT_TIMEOUT_S,
     STORE_PREFIX,
@@ -109,7 +110,7 @@ class WeightSyncClient:
         except httpx.HTTPError as e:
             raise WeightSyncError(f"POST {route} failed: {e}") from e
         if r.status_code != 200:
-            raise WeightSyncError(f"POST {route} answered {r.status_code}: {_error_text(r)}")
+            raise WeightSyncError(f"POST {route} answered {r.status_code}: {error_message(r.content)}")
         try:
             data = r.json()
         except ValueError:
@@ -128,7 +129,7 @@ class WeightSyncClient:
         if r.status_code in (404, 405):
             return {}
         if r.status_code != 200:
-            raise WeightSyncError(f"GET {contract.ROUTE_WEIGHT_INFO} answered {r.status_code}: {_error_text(r)}")
+            raise WeightSyncError(f"GET {contract.ROUTE_WEIGHT_INFO} answered {r.status_code}: {error_message(r.content)}")
         try:
             data = r.json()
         except ValueError:
@@ -359,17 +360,3 @@ def _spawn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> cf.Future[Any]:
 
     threading.Thread(target=run, name=f"weight-sync-{getattr(fn, '__name__', 'task')}", daemon=True).start()
     return fut
-
-
-def _error_text(r: httpx.Response) -> str:
-    """The server's error message from a JSON error body, else the raw text."""
-    try:
-        data = r.json()
-    except ValueError:
-        return r.text[:500]
-    if isinstance(data, dict):
-        err = data.get("error", data.get("detail", data))
-        if isinstance(err, dict):
-            return str(err.get("message", err))
-        return str(err)
-    return str(data)[:500]
