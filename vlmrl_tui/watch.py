@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from backend.net import probe_http
-from backend.records import MetricRecord, RunInfo, RunInfoError, proc_sort_key
+from backend.records import MetricRecord, RunInfo, RunInfoError
 from backend.rundir import FileTail, JsonlTail, RunDirectory
 
 DEFAULT_SCROLLBACK = 10_000
@@ -139,10 +139,6 @@ class RunFeed:
         self._rollouts = JsonlTail(self.rd.rollouts)
         self._run_json_stamp: tuple[int, int] | None = None
         self._polls = 0
-
-    @property
-    def procs(self) -> list[str]:
-        return sorted(self._logs, key=proc_sort_key)
 
     def _discover_logs(self) -> list[str]:
         new = [name for name in self.rd.log_names() if name not in self._logs]
