@@ -370,6 +370,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def location_overrides(name: str | None, output_dir: str | Path | None) -> list[str]:
+    """The overrides that put a run in ``output_dir/name`` (what ``vlmrl run --name
+    --output-dir`` adds), as TOML strings."""
+
+    def toml_str(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    out = []
+    if name:
+        out.append(f"trainer.args.run_name={toml_str(name)}")
+    if output_dir is not None:
+        out.append(f"trainer.args.output_dir={toml_str(str(output_dir))}")
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with ``key=value`` overrides applied."""
     data = _deepcopy(data)

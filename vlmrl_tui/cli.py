@@ -130,12 +130,9 @@ def run(
     """Launch server and trainer under one supervisor, headless; progress on stdout."""
     from vlmrl_tui.headless import run_headless
 
-    ov = list(overrides or [])
-    if name:
-        ov.append(f"trainer.args.run_name={_toml_str(name)}")
-    if output_dir:
-        ov.append(f"trainer.args.output_dir={_toml_str(str(output_dir))}")
-    cfg = _load(config, ov)
+    from backend.config import location_overrides
+
+    cfg = _load(config, [*(overrides or []), *location_overrides(name, output_dir)])
     code = run_headless(cfg, config_path=config, dry_run=dry_run, resume=resume)
     raise typer.Exit(code)
 
@@ -160,10 +157,6 @@ def doctor(
     cfg = _load(config, []) if config is not None else None
     code = doctor_main(cfg, as_json=as_json)
     raise typer.Exit(code)
-
-
-def _toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ closing it can leave the run going headless. No Textual here.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -47,14 +46,9 @@ def launch_command(config: Path, overrides: list[str], output_dir: Path | None,
 def resolve_run_dir(config: Path, overrides: list[str], output_dir: Path | None,
                     name: str | None = None) -> tuple[Path, float]:
     """Where ``vlmrl run`` will put the run, and its stop grace (validates the config)."""
-    from backend.config import load_config
+    from backend.config import load_config, location_overrides
 
-    ov = list(overrides)
-    if name:
-        ov.append(f"trainer.args.run_name={json.dumps(name)}")
-    if output_dir is not None:
-        ov.append(f"trainer.args.output_dir={json.dumps(str(output_dir))}")
-    cfg = load_config(config, ov)
+    cfg = load_config(config, [*overrides, *location_overrides(name, output_dir)])
     return (Path.cwd() / cfg.run_dir()).resolve(), cfg.run.stop_grace_s
 
 
