@@ -1,6 +1,8 @@
 """Checkpoints: ``checkpoints/<step>/`` holds everything a run needs to resume.
 
-Weights and processor (Hugging Face format, so a checkpoint is also a model directory),
+Weights and processor (Hugging Face format, so a checkpoint is also a model directory;
+the weights are streamed to disk one tensor at a time by :func:`save_weights`; with LoRA
+the peft adapter instead, :mod:`backend.lora`),
 optimizer and scheduler (``optimizer.pt``), random generators (``rng.pt``) and
 ``trainer_state.json`` (step, config, run identity). A checkpoint is written into a
 temporary folder and renamed into place with its ``COMPLETE`` marker inside, so a crash
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from backend import records
+from backend import lora, records
 from backend.rundir import RunDirectory, checkpoint_complete, write_json_atomic
 
 
@@ -49,13 +51,18 @@ def save_checkpoint(run_dir: RunDirectory, model: Any, processor: Any, optimizer
     path = final.with_name(f".{final.name}.tmp")  # written whole, then renamed into place
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    model.save_pretrained(path)
+    if lora.is_lora(model):
+        lora.save_adapter(model, path)  # the base weights never change: the adapter is the whole update
+    else:
+        save_weights(model, path)
     if hasattr(processor, "save_pretrained"):
         processor.save_pretrained(path)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                path / records.OPTIMIZER_STATE)
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state()},
-               path / records.RNG_STATE)
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # stochastic rounding draws on the GPU's generator
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, path / records.RNG_STATE)
     write_json_atomic(path / records.TRAINER_STATE, state.to_json())
     (path / records.CHECKPOINT_MARKER).write_text(f"{step}\n")
     if final.exists():
@@ -64,12 +71,104 @@ def save_checkpoint(run_dir: RunDirectory, model: Any, processor: Any, optimizer
     return final
 
 
+#: safetensors' dtype codes
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 << 30
+
+
+def save_weights(model: Any, path: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+    """Write ``model``'s weights into ``path`` as Hugging Face safetensors, plus its config.
+
+    The files are what ``save_pretrained`` writes (``model.safetensors``, or numbered shards
+    with ``model.safetensors.index.json``; tied weights stored once), but tensors are
+    written one at a time, each copied to host memory just before it is written: no clone
+    of the model on the GPU (``save_pretrained`` clones parameters that share a buffer, as
+    the flattened ones do: +16 GiB for an 8B model) and no whole-model copy in host memory
+    (``safetensors.torch.save_file`` serialises every tensor before writing).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not _is_tied(model, k)}
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += n
+    names = [SAFE_WEIGHTS] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = [_write_safetensors(path / fname, items) for fname, items in zip(names, shards)]
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {n: fname for fname, items in zip(names, shards) for n, _ in items}}
+        write_json_atomic(path / SAFE_INDEX, index)
+    model.config.save_pretrained(path)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(path)
+    return files
+
+
+def _write_safetensors(file: Path, items: list[tuple[str, torch.Tensor]]) -> Path:
+    """One safetensors file: 8-byte header length, JSON header, then each tensor's bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, t in items:
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be saved as safetensors")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for _, t in items:
+            host = t.detach().to("cpu").contiguous()
+            if host.numel():
+                fh.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+            del host
+        fh.flush()
+        os.fsync(fh.fileno())
+    return file
+
+
 def load_checkpoint(path: str | Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     device: torch.device | str) -> int:
     """Restore weights, optimizer, scheduler and RNG from ``path``; returns its step."""
     path = Path(path)
     if not checkpoint_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {records.CHECKPOINT_MARKER})")
+    if lora.is_lora(model):
+        lora.load_adapter(model, path, device)
+    else:
+        _load_weights(model, path, device)
+    opt = torch.load(path / records.OPTIMIZER_STATE, map_location=device, weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = torch.load(path / records.RNG_STATE, weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(rng["python"])
+    if rng.get("numpy") is not None:
+        import numpy as np
+
+        np.random.set_state(rng["numpy"])
+    return read_trainer_state(path).step
+
+
+def _load_weights(model: Any, path: Path, device: torch.device | str) -> None:
+    """Load the full weights saved by :func:`save_weights` into ``model``."""
     from safetensors.torch import load_file
 
     weights: dict[str, torch.Tensor] = {}
@@ -79,17 +178,6 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: torch.optim.Optimiz
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path}: missing {missing[:5]} unexpected {unexpected[:5]}")
-    opt = torch.load(path / records.OPTIMIZER_STATE, map_location=device, weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(path / records.RNG_STATE, weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng.get("numpy") is not None:
-        import numpy as np
-
-        np.random.set_state(rng["numpy"])
-    return read_trainer_state(path).step
 
 
 def read_trainer_state(path: str | Path) -> records.TrainerState:

@@ -42,6 +42,9 @@ KNOWN_NCCL_VARS: frozenset[str] = frozenset(
         "SET_STACK_SIZE", "GRAPH_MIXING_SUPPORT", "RUNTIME_CONNECT", "TIMEOUT",
         "WORK_FIFO_DEPTH", "CONF_FILE", "HOSTID", "PXN_DISABLE", "NVB_DISABLE",
         "SINGLE_RING_THRESHOLD", "RAS_ENABLE", "MNNVL_ENABLE",
+        # NCCL >= 2.30: lets two ranks of one communicator use the same GPU (a colocated
+        # server and trainer, or MIG slices of one GPU); older NCCL refuses "Duplicate GPU".
+        "MULTI_RANK_GPU_ENABLE",
     }
 )
 
@@ -112,6 +115,23 @@ class InferenceConfig(RestartSettings):
     args: InferenceArgs = Field(default_factory=InferenceArgs)
 
 
+#: LoRA's default targets: the language model's attention and MLP projections of Qwen-VL and
+#: LLaVA (LLaVA's CLIP tower also has q_proj/k_proj/v_proj, so a bare name list would adapt it)
+LORA_DEFAULT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class LoraSettings(BaseModel):
+    """``[trainer.args] lora``: train low-rank adapters instead of all weights (peft)."""
+
+    model_config = _CONFIG
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scale numerator: the update is alpha / r * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        LORA_DEFAULT_TARGETS, description="module names (list) or a full-match regex (string), as peft takes them",
+    )
+
+
 class MultimodalRLConfig(BaseModel):
     """``[trainer.args]``: everything the GRPO trainer needs."""
 
@@ -151,11 +171,30 @@ class MultimodalRLConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
     max_concurrent: int = Field(128, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
-    bucket_size_mb: int = Field(64, gt=0, description="weight-sync bucket size")
+    bucket_size_mb: int | None = Field(
+        None, gt=0,
+        description="weight-sync bucket size in MiB (default: 64 over gloo on CPU, 512 over NCCL on GPU, where "
+                    "each bucket costs one HTTP call and one engine RPC)",
+    )
     sync_port: int | None = Field(None, ge=1, le=65535, description="weight-sync rendezvous port")
     adapter: str | None = Field(None, description="adapter name; default from model_type")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of the forward/backward and of the weights sent to the server",
+    )
+    low_precision_update: Literal["fp32-master", "stochastic-rounding"] = Field(
+        "fp32-master",
+        description="with dtype bfloat16/float16: 'fp32-master' keeps fp32 weights and optimizer state and runs "
+                    "the forward/backward under autocast (float16 adds loss scaling); 'stochastic-rounding' "
+                    "keeps bf16 weights and state and rounds each AdamW update stochastically (half the memory, "
+                    "updates kept in expectation; bfloat16 only)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, ~30% more compute)",
+    )
+    lora: LoraSettings | None = Field(None, description="LoRA adapters (absent: full fine-tuning)")
+    freeze_vision: bool = Field(False, description="never update the vision tower (with LoRA it is frozen anyway "
+                                                   "unless target_modules reach it)")
     torch_threads: int | None = Field(None, gt=0)
     eval_every: int = Field(0, ge=0)
     eval_size: int = Field(32, gt=0)
@@ -173,7 +212,16 @@ class MultimodalRLConfig(BaseModel):
             )
         if self.mask_ratio_low >= self.mask_ratio_high:
             raise ValueError("__mask_ratio_low__: must be < mask_ratio_high")
+        if self.low_precision_update == "stochastic-rounding" and self.dtype != "bfloat16":
+            raise ValueError(
+                f"__low_precision_update__: 'stochastic-rounding' needs dtype = \"bfloat16\" (dtype is {self.dtype!r})"
+            )
         return self
+
+    def bucket_bytes(self, backend: str) -> int:
+        """Weight-sync bucket size for ``backend`` (``bucket_size_mb`` or its default)."""
+        mb = self.bucket_size_mb if self.bucket_size_mb is not None else (512 if backend == "nccl" else 64)
+        return mb << 20
 
     @property
     def prompts_per_step(self) -> int:

@@ -47,7 +47,8 @@ def token_logprobs(
         extra["logits_to_keep"] = L - start
     else:
         start = 0
-    logits = adapter.forward(model, batch, **extra, use_cache=False).logits  # (B, L - start, V)
+    # float32 for the softmax whatever the model computes in (bf16 logprobs are ~1% off)
+    logits = adapter.forward(model, batch, **extra, use_cache=False).logits.float()  # (B, L - start, V)
     lp_full = processed_logprobs(logits[:, :-1], temperature, bias)  # (B, L - start - 1, V)
     targets = batch.input_ids[:, start + 1 :]  # (B, L - start - 1)
     chosen = lp_full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, L - start - 1)

@@ -139,6 +139,47 @@ def load_model_and_processor(model: str, dtype: str = "float32", device: str = "
     return net, processor
 
 
+def enable_gradient_checkpointing(model: Any) -> list[Any]:
+    """Turn on transformers' gradient checkpointing; returns the layers that checkpoint.
+
+    transformers checkpoints a ``GradientCheckpointingLayer`` only while that layer is in
+    training mode. The trainer keeps the model in eval mode (no dropout: the server samples
+    without it), so :class:`layers_training` flips just these layers (not their submodules,
+    whose dropout stays off) around the loss's forward.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(model).__name__} does not support gradient checkpointing; "
+                         "set [trainer.args] gradient_checkpointing = false")
+    # transformers 5.24 renamed it activation_checkpointing_enable; the vLLM 0.33 env has 5.20
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ModelError(f"{type(model).__name__} has no checkpointable layers; "
+                         "set [trainer.args] gradient_checkpointing = false")
+    return layers
+
+
+class layers_training:
+    """Put ``layers`` (only those modules, not their children) in training mode for a while."""
+
+    def __init__(self, layers: list[Any]) -> None:
+        self.layers = layers
+
+    def __enter__(self) -> None:
+        for m in self.layers:
+            m.training = True
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.layers:
+            m.training = False
+
+
 def model_family(model_or_config: Any) -> str:
     """The vlmrl family (``qwen3-vl``, ``qwen2.5-vl``, ``qwen2-vl``, ``llava``, ...) of a model,
     a config, a ``config.json`` dict, or a model name/path (its config is read)."""

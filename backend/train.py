@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from backend import contract, net
 from backend.config import VlmrlConfig
+from backend.device import trainer_device
 from backend.errors import ConfigError
 from backend.logs import setup_logging
 from backend.records import TrainerState, line_step
@@ -33,7 +34,8 @@ log = logging.getLogger("vlmrl.train")
 #: trainer.args keys that may change between a run and its resumption
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"max_steps", "save_every", "log_every_steps", "eval_every", "eval_size", "max_concurrent",
-     "request_timeout_s", "torch_threads", "sync_port", "run_name", "output_dir", "device"}
+     "request_timeout_s", "torch_threads", "sync_port", "run_name", "output_dir", "device",
+     "gradient_checkpointing", "bucket_size_mb"}  # memory and transport only: the same updates either way
 )
 
 
@@ -115,14 +117,6 @@ def _reset_run_files(rd: RunDirectory, step: int) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _device(pref: str) -> str:
-    import torch
-
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
 def server_url(cfg: VlmrlConfig) -> str:
     """The inference server's base URL: ``$VLMRL_SERVER_URL`` (the supervisor's) or the config's."""
     env = os.environ.get(contract.ENV_SERVER_URL)
@@ -139,9 +133,10 @@ def weight_sync_client(cfg: VlmrlConfig, device: str, token: str | None) -> "Wei
     from backend.weight_sync import WeightSyncClient
 
     args = cfg.trainer.args
+    backend = "nccl" if device == "cuda" else "gloo"
     return WeightSyncClient(
-        server_url(cfg), token, backend="nccl" if device == "cuda" else "gloo", host="127.0.0.1",
-        port=args.sync_port, bucket_bytes=args.bucket_size_mb << 20, timeout_s=args.request_timeout_s,
+        server_url(cfg), token, backend=backend, host="127.0.0.1",
+        port=args.sync_port, bucket_bytes=args.bucket_bytes(backend), timeout_s=args.request_timeout_s,
         server_ranks=server_ranks(cfg) if cfg.inference.engine == "vllm" else 1,
     )
 
@@ -156,8 +151,9 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
     from backend.rollout import RolloutClient, wait_for_health
     from backend.sampling import banned_token_ids
     from backend.checkpoint import read_trainer_state
+    from backend.precision import precision_of
     from backend.trainer import MultimodalGRPOTrainer
-    from environments import make_env
+    from backend.envs import build_env
 
     setup_logging(sys.stdout, timestamps=False)
     from transformers.utils import logging as hf_logging
@@ -178,13 +174,14 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
     if ckpt is not None:
         check_resumable(read_trainer_state(ckpt), cfg, ckpt)
 
-    try:
-        env = make_env(cfg.env.id, cfg.env.args)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(None, "env", f"cannot build environment {cfg.env.id!r}: {e}") from None
-    device = _device(args.device)
+    env = build_env(cfg.env.id, cfg.env.args)
+    device = trainer_device(args.device, cfg.trainer.gpus)
+    precision = precision_of(args.dtype, args.low_precision_update)
     t0 = time.perf_counter()
-    model, processor = load_model_and_processor(cfg.model, dtype=args.dtype, device=device)
+    # loaded straight into the dtype the weights are kept in (float32 master weights for autocast)
+    # (with LoRA the frozen base stays in the compute dtype: backend/trainer.py)
+    model, processor = load_model_and_processor(cfg.model, dtype=args.dtype if args.lora else precision.param_dtype_name,
+                                                device=device)
     ref_model = None
     if args.beta > 0:
         ref_model, _ = load_model_and_processor(cfg.model, dtype=args.dtype, device=device)
@@ -192,7 +189,8 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
                           max_length=cfg.inference.args.max_model_len)
     banned = banned_token_ids(processor.tokenizer)
     print(f"trainer: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
-          f"on {device}, adapter {adapter.name}, loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+          f"on {device}, adapter {adapter.name}, {precision.describe()}, loaded in {time.perf_counter() - t0:.1f}s",
+          flush=True)
 
     url = server_url(cfg)
     wait_for_health(url, timeout_s=cfg.inference.startup_timeout_s)

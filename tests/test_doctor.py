@@ -17,7 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 from fake_nvml import make_fake_nvml  # noqa: E402
 
 from backend.config import validate_config  # noqa: E402
-from vlmrl_tui.doctor import FAIL, OK, WARN, CheckResult, check_model, doctor_main, format_check, run_checks  # noqa: E402
+from vlmrl_tui.doctor import (  # noqa: E402
+    FAIL,
+    OK,
+    SKIP,
+    WARN,
+    CheckResult,
+    check_model,
+    doctor_main,
+    format_check,
+    run_checks,
+)
 from vlmrl_tui.gpu import Nvml  # noqa: E402
 from backend.net import free_port  # noqa: E402
 
@@ -108,9 +118,151 @@ def test_doctor_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_config_that_needs_gpus_fails_on_a_cpu_machine(tmp_path: Path) -> None:
-    results = run_checks(_cfg(tmp_path, inference={"gpus": 1}), fast_only=True, env={})
+    results = run_checks(_cfg(tmp_path, trainer={"gpus": 1}), fast_only=True, env={"CUDA_VISIBLE_DEVICES": "0"})
     (gpus,) = _by_name(results, "gpus")
-    assert gpus.status == FAIL and "needs 1" in gpus.message and gpus.fix
+    assert gpus.status == FAIL and gpus.fix
+    # which process asks for how many, what was found (NVML, then torch in a real subprocess), and the shell's value
+    assert gpus.message.startswith("the trainer (trainer.gpus = 1) asks for GPUs, but there is no usable CUDA device")
+    assert "no NVIDIA driver" in gpus.message and "torch sees 0 CUDA devices" in gpus.message
+    assert "CUDA_VISIBLE_DEVICES='0'" in gpus.message
+
+
+def test_vlmrl_run_refuses_a_gpu_config_without_cuda(tmp_path: Path) -> None:
+    r = _cli("run", str(_config(tmp_path, extra="device = \"cuda\"\n[trainer]\ngpus = 1")))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the trainer (trainer.gpus = 1) asks for GPUs, but there is no usable CUDA device" in r.stderr
+    assert "refusing to start" in r.stderr and not (tmp_path / "runs" / "c" / "logs").exists()
+
+
+def test_without_nvml_the_device_count_comes_from_torch(tmp_path: Path) -> None:
+    from vlmrl_tui.doctor_gpu import check_gpus
+    from vlmrl_tui.gpu import take_snapshot
+
+    no_nvml = take_snapshot(Nvml(loader=lambda: make_fake_nvml(no_library=True)))
+    cfg = _cfg(tmp_path, inference={"gpus": 1}, trainer={"gpus": 1})
+    # A container without the utility capability: NVML fails, CUDA (torch) sees the GPUs.
+    asked: list[str | None] = []
+
+    def torch_sees_two(env: Any) -> int:
+        asked.append(env.get("CUDA_VISIBLE_DEVICES"))
+        return 2
+
+    gpus, count = check_gpus(cfg, {"CUDA_VISIBLE_DEVICES": "0,1"}, no_nvml, True, count_devices=torch_sees_two)
+    assert gpus.status == WARN and "torch sees 2 CUDA device(s)" in gpus.message and "utility" in (gpus.fix or "")
+    assert count.status == OK and "= 2; 2 visible" in count.message and asked == ["0,1"]
+    # the real subprocess on this CPU machine: torch sees no device, so the run is refused
+    (real,) = check_gpus(cfg, {}, no_nvml, True)
+    assert real.status == FAIL and "torch sees 0 CUDA devices" in real.message
+
+
+def test_fast_checks_count_devices_without_importing_torch(tmp_path: Path) -> None:
+    config = str(_config(tmp_path, extra="[trainer]\ngpus = 1"))
+    code = ("import sys; from backend.config import load_config; from vlmrl_tui.doctor import run_checks; "
+            f"r = run_checks(load_config({config!r}), fast_only=True); "
+            "print([c.message for c in r if c.name == 'gpus'][0]); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    message, imported = r.stdout.strip().splitlines()[-2:]
+    assert "torch sees 0 CUDA devices" in message and imported == "False"
+
+
+def _torch_install(root: Path, cuda: str | None) -> list[str]:
+    """A torch distribution on disk (metadata and version.py) that says which CUDA it was built for."""
+    info = root / "torch-2.14.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.14.1\n")
+    (root / "torch").mkdir()
+    (root / "torch" / "version.py").write_text(f"from typing import Optional\ncuda: Optional[str] = {cuda!r}\n")
+    return [str(root)]
+
+
+def test_driver_older_than_torchs_cuda_build(tmp_path: Path) -> None:
+    from vlmrl_tui.doctor_gpu import check_cuda_build, torch_cuda_build
+    from vlmrl_tui.gpu import take_snapshot
+
+    def snapshot(cuda: int) -> Any:
+        mod = make_fake_nvml(gpus=1)
+        mod.nvmlSystemGetCudaDriverVersion_v2 = lambda: cuda  # type: ignore[attr-defined]
+        return take_snapshot(Nvml(loader=lambda: mod))
+
+    cfg = _cfg(tmp_path, trainer={"gpus": 1})
+    build = torch_cuda_build()  # this python's torch, read from disk
+    assert build is not None and build.startswith("13.")  # the pinned torch==2.14.1+cu130
+    (old,) = check_cuda_build(cfg, snapshot(12040))
+    assert old.status == FAIL and f"driver supports CUDA 12.4, torch is built for CUDA {build}" in old.message
+    assert "upgrade the NVIDIA driver" in (old.fix or "") and "whl/cu124" in (old.fix or "")
+    assert check_cuda_build(cfg, snapshot(13020))[0].status == OK
+    (minor,) = check_cuda_build(cfg, snapshot(13000), _torch_install(tmp_path / "a", "13.1"))
+    assert minor.status == WARN and "minor-version compatibility" in minor.message
+    (cpu,) = check_cuda_build(cfg, snapshot(13000), _torch_install(tmp_path / "b", None))
+    assert cpu.status == FAIL and "CPU build" in cpu.message and "the trainer (trainer.gpus = 1)" in cpu.message
+    assert check_cuda_build(_cfg(tmp_path), snapshot(13000), _torch_install(tmp_path / "c", None)) == []
+
+
+def _old_nccl(root: Path) -> dict[str, str]:
+    """An environment whose python finds NCCL 2.21.5 first (its wheel's metadata on PYTHONPATH)."""
+    info = root / "nvidia_nccl_cu13-2.21.5.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-nccl-cu13\nVersion: 2.21.5\n")
+    return {"PYTHONPATH": str(root)}
+
+
+def test_shared_gpu_is_checked_against_what_nccl_allows(tmp_path: Path) -> None:
+    from vlmrl_tui.doctor_gpu import nccl_version
+
+    nvml = Nvml(loader=lambda: make_fake_nvml(gpus=1))
+    shared = {"inference": {"gpus": 1}, "trainer": {"gpus": 1}, "run": {"share_gpus": True}}
+    real = nccl_version(sys.executable, {})
+    assert real is not None and real >= (2, 30)  # torch==2.14.1 ships NCCL 2.30
+    (ok,) = _by_name(run_checks(_cfg(tmp_path, **shared), fast_only=True, env={}, nvml=nvml), "nccl sharing")
+    assert ok.status == OK and f"NCCL trainer {'.'.join(map(str, real))}" in ok.message
+    assert "NCCL_MULTI_RANK_GPU_ENABLE=1" in ok.message
+    (off,) = _by_name(run_checks(_cfg(tmp_path, **shared, nccl={"MULTI_RANK_GPU_ENABLE": 0}), fast_only=True,
+                                 env={}, nvml=nvml), "nccl sharing")
+    assert off.status == FAIL and "Duplicate GPU detected" in off.message and "MULTI_RANK_GPU_ENABLE = 0" in off.message
+    (old,) = _by_name(run_checks(_cfg(tmp_path, **shared), fast_only=True, env=_old_nccl(tmp_path), nvml=nvml),
+                      "nccl sharing")
+    assert old.status == FAIL and "NCCL is 2.21.5" in old.message and "run.share_gpus = false" in (old.fix or "")
+
+
+def test_gpu_count_suggests_share_gpus_only_where_nccl_allows_it(tmp_path: Path) -> None:
+    nvml = Nvml(loader=lambda: make_fake_nvml(gpus=1))
+    two = {"inference": {"gpus": 1}, "trainer": {"gpus": 1}}
+
+    def fix(env: dict[str, str], **tables: Any) -> str:
+        (count,) = _by_name(run_checks(_cfg(tmp_path, **two, **tables), fast_only=True, env=env, nvml=nvml),
+                            "gpu count")
+        assert count.status == FAIL
+        return count.fix or ""
+
+    assert "or set run.share_gpus = true" in fix({})
+    refused = fix(_old_nccl(tmp_path))
+    assert "run.share_gpus = true would not work: the trainer's NCCL is 2.21.5" in refused
+    assert "would not work: [nccl] sets MULTI_RANK_GPU_ENABLE = 0" in fix({}, nccl={"MULTI_RANK_GPU_ENABLE": 0})
+
+
+def _mig_nvml() -> Nvml:
+    """One GPU split into two MIG slices, as NVML describes them."""
+    mod = make_fake_nvml(gpus=1)
+    slices = {"MIG-aaaa": {"index": 0, "mig": 1}, "MIG-bbbb": {"index": 0, "mig": 2}}
+    mod.nvmlDeviceGetHandleByUUID = slices.__getitem__  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetDeviceHandleFromMigDeviceHandle = lambda h: {"index": h["index"]}  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetIndex = lambda h: h["index"]  # type: ignore[attr-defined]
+    return Nvml(loader=lambda: mod)
+
+
+def test_mig_slices_of_one_gpu_are_a_shared_gpu_for_nccl(tmp_path: Path) -> None:
+    env = {"CUDA_VISIBLE_DEVICES": "MIG-aaaa,MIG-bbbb"}
+    cfg = _cfg(tmp_path, inference={"gpus": 1}, trainer={"gpus": 1})
+    results = run_checks(cfg, fast_only=True, env=env, nvml=_mig_nvml())
+    (mig,) = _by_name(results, "nccl sharing")
+    assert mig.status == FAIL and "MIG slices of GPU 0" in mig.message and "Duplicate GPU" in mig.message
+    assert "add MULTI_RANK_GPU_ENABLE = 1 to [nccl]" in (mig.fix or "")
+    assert _by_name(results, "nccl p2p")[0].status == OK  # MIG slices have no P2P to check
+    assert _by_name(results, "gpu count")[0].status == OK  # two slices are two CUDA devices
+    fixed = run_checks(_cfg(tmp_path, inference={"gpus": 1}, trainer={"gpus": 1}, nccl={"MULTI_RANK_GPU_ENABLE": 1}),
+                       fast_only=True, env=env, nvml=_mig_nvml())
+    assert _by_name(fixed, "nccl sharing")[0].status == OK
 
 
 def test_nccl_typo_in_the_shell_gets_a_did_you_mean(tmp_path: Path) -> None:
@@ -150,6 +302,24 @@ def test_gpu_checks_with_two_gpus_and_no_p2p(tmp_path: Path) -> None:
     fixed = run_checks(_cfg(tmp_path, inference={"gpus": 1}, trainer={"gpus": 1}, nccl={"P2P_DISABLE": 1}),
                        fast_only=True, env={}, nvml=nvml)
     assert _by_name(fixed, "nccl p2p")[0].status == OK
+
+
+def test_p2p_is_checked_between_every_pair_of_gpus_the_run_uses(tmp_path: Path) -> None:
+    mod = make_fake_nvml(gpus=3)
+    mod.nvmlDeviceGetP2PStatus = lambda a, b, i: 5 if {a["index"], b["index"]} == {1, 2} else 0  # type: ignore
+    cfg = _cfg(tmp_path, inference={"gpus": 2}, trainer={"gpus": 1}, nccl={})
+    (p2p,) = _by_name(run_checks(cfg, fast_only=True, env={}, nvml=Nvml(loader=lambda: mod)), "nccl p2p")
+    assert p2p.status == WARN and "no P2P between GPU 1<->2" in p2p.message and "0<->1" not in p2p.message
+
+
+def test_p2p_disable_where_p2p_works_is_a_warning(tmp_path: Path) -> None:
+    nvml = Nvml(loader=lambda: make_fake_nvml(gpus=2, p2p=True))
+    cfg = _cfg(tmp_path, inference={"gpus": 1}, trainer={"gpus": 1}, nccl={"P2P_DISABLE": 1})
+    (p2p,) = _by_name(run_checks(cfg, fast_only=True, env={}, nvml=nvml), "nccl p2p")
+    assert p2p.status == WARN and "host shared memory" in p2p.message and "remove P2P_DISABLE" in (p2p.fix or "")
+    clean = _cfg(tmp_path, inference={"gpus": 1}, trainer={"gpus": 1}, nccl={})
+    (ok,) = _by_name(run_checks(clean, fast_only=True, env={}, nvml=nvml), "nccl p2p")
+    assert ok.status == OK and ok.message == "GPU 0<->1 support P2P"
 
 
 def test_too_many_gpus_requested_fails(tmp_path: Path) -> None:
@@ -309,3 +479,110 @@ def test_nccl_typo_in_the_config_gets_a_did_you_mean(tmp_path: Path) -> None:
     r = _cli("doctor", str(_config(tmp_path, extra="[nccl]\nP2P_DISABEL = 1")))
     assert r.returncode == 2
     assert "nccl.P2P_DISABEL: unknown NCCL variable; did you mean 'P2P_DISABLE'?" in r.stderr
+
+
+# ----- the trainer's memory estimate against the GPUs (full doctor) -----
+
+
+def _memory(cfg: Any, nvml: Nvml, tmp_path: Path, env: dict[str, str] | None = None) -> list[CheckResult]:
+    from vlmrl_tui.doctor_gpu import check_memory
+    from vlmrl_tui.gpu import take_snapshot
+    from vlmrl_tui.plan import build_plan
+
+    plan = build_plan(cfg, None, base_env=env or {}, sync_port=1, token="t", cwd=tmp_path)
+    return check_memory(cfg, plan, take_snapshot(nvml), nvml)
+
+
+@pytest.fixture(scope="module")
+def model_8b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local Qwen3-VL-8B directory: its real config.json, no weights (the doctor reads only the config)."""
+    from backend.memory import qwen3_vl_8b_config
+
+    path = tmp_path_factory.mktemp("qwen3-vl-8b")
+    qwen3_vl_8b_config().save_pretrained(path)
+    return path
+
+
+def _recipe(model: Path, tmp_path: Path, *overrides: str) -> Any:
+    from backend.config import load_config
+
+    return load_config(ROOT / "configs" / "qwen3-vl-8b-colors.toml",
+                       [f"model='{model}'", f"trainer.args.output_dir='{tmp_path}'", *overrides])
+
+
+def test_memory_of_the_8b_recipe_fits_an_80gb_card(model_8b: Path, tmp_path: Path) -> None:
+    nvml = Nvml(loader=lambda: make_fake_nvml(gpus=2))
+    (mem,) = _memory(_recipe(model_8b, tmp_path), nvml, tmp_path)
+    assert mem.status == OK, mem.message
+    assert mem.message.startswith("GPU 1 (80.0 GiB): ~75.") and "stochastic-rounding" in mem.message
+    assert "weights 16.3, grads 16.3, AdamW state 32.7" in mem.message  # the breakdown, in GiB
+
+
+def test_memory_that_does_not_fit_fails_with_what_would_fit(model_8b: Path, tmp_path: Path) -> None:
+    nvml = Nvml(loader=lambda: make_fake_nvml(gpus=2))
+    (master,) = _memory(_recipe(model_8b, tmp_path, 'trainer.args.low_precision_update="fp32-master"'), nvml, tmp_path)
+    assert master.status == FAIL and "does not fit" in master.message and "fp32 master weights 32.7" in master.message
+    assert 'low_precision_update = "stochastic-rounding" with dtype = "bfloat16" (~75 GiB)' in (master.fix or "")
+    assert "coming: LoRA, and trainer.gpus > 1 with FSDP" in (master.fix or "")
+    (long,) = _memory(_recipe(model_8b, tmp_path, "inference.args.max_model_len=8192"), nvml, tmp_path)
+    assert long.status == FAIL and "4 x 8192 tokens" in long.message
+    assert "trainer.args.micro_batch_size = 1 (~75 GiB)" in (long.fix or "")
+    assert "inference.args.max_model_len = 2048 (~75 GiB)" in (long.fix or "")
+    assert "micro_batch_size = 2" not in (long.fix or "")  # only the largest that fits is named
+    (plain,) = _memory(_recipe(model_8b, tmp_path, "trainer.args.gradient_checkpointing=false"), nvml, tmp_path)
+    assert plain.status == FAIL and "gradient_checkpointing = true (~75 GiB)" in (plain.fix or "")
+
+
+def test_memory_on_a_gpu_shared_with_vllm_counts_the_servers_share(model_8b: Path, tiny_model_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    nvml = Nvml(loader=lambda: make_fake_nvml(gpus=1))
+    (big,) = _memory(_recipe(model_8b, tmp_path, "run.share_gpus=true"), nvml, tmp_path)
+    assert big.status == FAIL and "64.0 GiB of it the server's" in big.message  # gpu_memory_utilization 0.8
+    assert (big.fix or "").startswith("run.share_gpus = false: the trainer needs ~75 GiB and the server ~16 GiB")
+    tiny = _cfg(tmp_path, model=str(tiny_model_dir), inference={"engine": "vllm", "gpus": 1,
+                                                                 "args": {"gpu_memory_utilization": 0.99}},
+                trainer={"gpus": 1}, run={"share_gpus": True})
+    (small,) = _memory(tiny, nvml, tmp_path)
+    assert small.status == FAIL and "79.2 GiB of it the server's" in small.message
+    assert (small.fix or "").startswith("inference.args.gpu_memory_utilization = 0.9")
+    fixed = float((small.fix or "").split(" = ")[1].split()[0])
+    (ok,) = _memory(_cfg(tmp_path, model=str(tiny_model_dir), inference={
+        "engine": "vllm", "gpus": 1, "args": {"gpu_memory_utilization": fixed}}, trainer={"gpus": 1},
+        run={"share_gpus": True}), nvml, tmp_path)
+    assert ok.status == OK, ok.message  # the suggested share is enough
+
+
+def test_memory_without_a_gpu_still_prints_the_estimate(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, trainer={"gpus": 1})
+    (mem,) = _memory(cfg, Nvml(), tmp_path)  # the real NVML: no driver on this machine
+    assert mem.status == SKIP and "GiB peak (float32" in mem.message and "no NVIDIA driver" in mem.message
+    (cpu,) = _memory(_cfg(tmp_path), Nvml(), tmp_path)
+    assert cpu.status == SKIP and cpu.message.startswith("trainer on CPU (trainer.gpus = 0)")
+    (gone,) = _memory(_cfg(tmp_path, model="nobody/not-a-model-xyz", trainer={"gpus": 1}), Nvml(), tmp_path)
+    assert gone.status == SKIP and "not in the Hugging Face cache" in gone.message
+
+
+def test_the_environment_check_builds_multi_turn_environments_too(tmp_path: Path) -> None:
+    from vlmrl_tui.doctor import check_env_id
+
+    assert check_env_id(_cfg(tmp_path, env={"id": "crafter", "args": {"episode_length": 3}}), fast=False).status == OK
+    bad = check_env_id(_cfg(tmp_path, env={"id": "crafter", "args": {"size": "big"}}), fast=False)
+    assert bad.status == FAIL and "crafter" in bad.message
+    assert check_env_id(_cfg(tmp_path), fast=False).status == OK
+
+
+def test_an_environment_module_passes_the_environment_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A [env] id naming an installed module with load_environment (the verifiers convention) is not
+    'unknown': the fast preflight finds the module, the full doctor builds it."""
+    from vlmrl_tui.doctor import check_env_id
+
+    pkg = tmp_path / "pkgs" / "my_vlm_env"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from environments.colors import make_colors\n\n\n"
+                                     "def load_environment(**kw):\n    return make_colors(**kw)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    cfg = _cfg(tmp_path, env={"id": "my-vlm-env"})
+    assert check_env_id(cfg, fast=True).status == OK
+    assert check_env_id(cfg, fast=False).status == OK
+    bad = check_env_id(_cfg(tmp_path, env={"id": "no-such-env"}), fast=True)
+    assert bad.status == FAIL and "no module 'no_such_env'" in bad.message

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
 from fake_nvml import make_fake_nvml  # noqa: E402
 
-from vlmrl_tui.gpu import NA, GpuSampler, Nvml, gpu_memory_by_pid, p2p_status, take_snapshot  # noqa: E402
+from vlmrl_tui.gpu import (  # noqa: E402
+    NA,
+    DeviceRef,
+    GpuSampler,
+    Nvml,
+    cuda_device_count,
+    gpu_memory_by_pid,
+    p2p_status,
+    resolve_device,
+    take_snapshot,
+)
 
 
 def _nvml(**kw: object) -> Nvml:
@@ -118,3 +129,67 @@ def test_sampler_thread_keeps_the_latest_snapshot() -> None:
     latest = sampler.latest()
     assert latest is not None and latest.gpus[0].index == 0
     assert sampler._thread is None  # stopped
+
+
+def _ctypes_like_p2p(mod: object, ok_pairs: set[frozenset[int]] | None = None) -> None:
+    """nvidia-ml-py's real quirks: ``NVML_P2P_CAPS_INDEX_READ = 0,`` is a tuple, and ctypes
+    rejects a tuple argument."""
+
+    def status(a: dict[str, int], b: dict[str, int], index: object) -> int:
+        if not isinstance(index, int):
+            raise TypeError("Don't know how to convert parameter 3")
+        pair = frozenset((a["index"], b["index"]))
+        return 0 if ok_pairs is None or pair in ok_pairs else 5
+
+    mod.NVML_P2P_CAPS_INDEX_READ = (0,)  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetP2PStatus = status  # type: ignore[attr-defined]
+
+
+def test_p2p_status_with_the_tuple_constant_of_real_nvidia_ml_py() -> None:
+    import pynvml
+
+    assert pynvml.NVML_P2P_CAPS_INDEX_READ == (0,)  # the quirk this guards against is still there
+    mod = make_fake_nvml(gpus=3)
+    _ctypes_like_p2p(mod, ok_pairs={frozenset((0, 1))})
+    nvml = Nvml(loader=lambda: mod)
+    assert p2p_status(0, 1, nvml) is True
+    assert p2p_status(1, 2, nvml) is False
+
+
+def _with_mig(mod: object) -> None:
+    """Two MIG slices (20 GiB each) of GPU 0, and UUID lookups, as NVML answers them."""
+    slices = {"MIG-aaaa": {"index": 0, "mig": 1}, "MIG-bbbb": {"index": 0, "mig": 2}}
+
+    def by_uuid(uuid: str) -> dict[str, int]:
+        if uuid in slices:
+            return slices[uuid]
+        if uuid.startswith("GPU-") and uuid[4:].isdigit():
+            return {"index": int(uuid[4:])}
+        raise RuntimeError("NVML_ERROR_NOT_FOUND")
+
+    real_mem = mod.nvmlDeviceGetMemoryInfo  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetHandleByUUID = by_uuid  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetDeviceHandleFromMigDeviceHandle = lambda h: {"index": h["index"]}  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetIndex = lambda h: h["index"]  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetMemoryInfo = (  # type: ignore[attr-defined]
+        lambda h: types.SimpleNamespace(total=20 * 2**30, used=0, free=20 * 2**30) if "mig" in h else real_mem(h))
+
+
+def test_resolve_device_places_indices_uuids_and_mig_slices() -> None:
+    mod = make_fake_nvml(gpus=2)
+    _with_mig(mod)
+    nvml = Nvml(loader=lambda: mod)
+    assert resolve_device("1", nvml) == DeviceRef("1", 1, 80 * 2**30)
+    assert resolve_device("GPU-0001", nvml) == DeviceRef("GPU-0001", 1, 80 * 2**30)
+    a, b = resolve_device("MIG-aaaa", nvml), resolve_device("MIG-bbbb", nvml)
+    assert a is not None and b is not None and a.gpu == b.gpu == 0 and a.mig
+    assert a.memory_total == 20 * 2**30  # the slice's own memory, not the GPU's
+    assert resolve_device("7", nvml) is None and resolve_device("MIG-zzzz", nvml) is None
+    assert resolve_device("nonsense", nvml) is None
+
+
+def test_cuda_device_count_asks_torch_in_a_subprocess() -> None:
+    # No GPU here: the real torch answers 0 (and this process never touched CUDA).
+    assert cuda_device_count({}) == 0
+    assert cuda_device_count({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert cuda_device_count({}, python="/nonexistent/python") is None

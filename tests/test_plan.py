@@ -140,8 +140,17 @@ def test_gpu_split_respects_the_shells_visible_devices(tmp_path: Path) -> None:
 
 
 def test_too_few_visible_gpus_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES in your shell lists 1"):
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES='3' in your shell makes 1 visible"):
         _plan(tmp_path, env={"CUDA_VISIBLE_DEVICES": "3"}, inference={"gpus": 1}, trainer={"gpus": 1})
+
+
+def test_visible_devices_end_where_cuda_stops_reading_them(tmp_path: Path) -> None:
+    # CUDA ignores everything from the first invalid entry on: -1 hides every GPU, so a GPU
+    # trainer would otherwise start and silently fall back to the CPU.
+    with pytest.raises(ConfigError, match=r"trainer 1, but CUDA_VISIBLE_DEVICES='-1' in your shell makes 0 visible"):
+        _plan(tmp_path, env={"CUDA_VISIBLE_DEVICES": "-1"}, trainer={"gpus": 1})
+    plan = _plan(tmp_path, env={"CUDA_VISIBLE_DEVICES": "2,GPU-abc,x,3"}, inference={"gpus": 1}, trainer={"gpus": 1})
+    assert (plan.process("server").gpus, plan.process("trainer").gpus) == (("2",), ("GPU-abc",))
 
 
 def test_share_gpus_only_when_the_config_says_so(tmp_path: Path) -> None:
@@ -149,6 +158,19 @@ def test_share_gpus_only_when_the_config_says_so(tmp_path: Path) -> None:
     assert plan.process("server").env["CUDA_VISIBLE_DEVICES"] == "0"
     assert plan.process("trainer").env["CUDA_VISIBLE_DEVICES"] == "0"
     assert split_gpus(1, 1, None, share=False) == (["0"], ["1"])
+
+
+def test_a_shared_gpu_lets_nccl_put_both_ranks_on_it(tmp_path: Path) -> None:
+    shared = _plan(tmp_path, env={"NCCL_MULTI_RANK_GPU_ENABLE": "0"}, inference={"gpus": 1}, trainer={"gpus": 1},
+                   run={"share_gpus": True})
+    for proc in ("server", "trainer"):  # both sides of the weight-sync communicator
+        assert shared.process(proc).env["NCCL_MULTI_RANK_GPU_ENABLE"] == "1"
+    assert "contradicts the config" in {n.name: n for n in shared.notes}["NCCL_MULTI_RANK_GPU_ENABLE"].message
+    apart = _plan(tmp_path, inference={"gpus": 1}, trainer={"gpus": 1})
+    assert "NCCL_MULTI_RANK_GPU_ENABLE" not in apart.shared_env
+    own = _plan(tmp_path, inference={"gpus": 1}, trainer={"gpus": 1}, run={"share_gpus": True},
+                nccl={"MULTI_RANK_GPU_ENABLE": 0})
+    assert own.process("trainer").env["NCCL_MULTI_RANK_GPU_ENABLE"] == "0"  # the config's word (the doctor fails it)
 
 
 def test_cpu_processes_see_no_gpu(tmp_path: Path) -> None:

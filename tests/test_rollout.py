@@ -18,7 +18,7 @@ from backend.rollout import RolloutClient, RolloutError, request_seed, to_openai
 from backend.sampling import banned_token_ids
 from environments.base import Environment, Example, Score
 from environments.colors import ColorsEnv
-from serverproc import ServerProc, encode, forward_logprobs, free_port, load_trainer_side, serving
+from tests.serverproc import ServerProc, encode, forward_logprobs, free_port, load_trainer_side, serving
 
 
 @pytest.fixture(scope="module")

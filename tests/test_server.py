@@ -17,7 +17,7 @@ from PIL import Image
 from backend import contract
 from backend.sampling import banned_token_ids, logit_bias_for
 from environments.colors import ColorsEnv
-from serverproc import ServerProc, encode, forward_logprobs, load_trainer_side, serving, wire_messages
+from tests.serverproc import ServerProc, encode, forward_logprobs, load_trainer_side, serving, wire_messages
 
 TOKEN = "test-token-123"
 MAX_PIXELS = 256 * 256

@@ -7,8 +7,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from serverproc import ServerProc, free_port
-from trainproc import TOKEN, colors_tiny_config, kill_group, start_trainer
+from tests.serverproc import ServerProc, free_port
+from tests.trainproc import TOKEN, colors_tiny_config, kill_group, start_trainer
 
 from backend.rundir import RunDirectory, read_jsonl
 

@@ -403,3 +403,57 @@ def test_broken_off_update_resumes_and_marks_changed_weights() -> None:
             assert engine.calls[-1] == "resume"
 
     asyncio.run(go())
+
+
+def test_chat_during_update_waits_for_new_weights() -> None:
+    """vLLM 0.33 answers chat requests 503 while generation is paused (0.32 queued them):
+    the middleware holds them until the update ends, as the hf engine does."""
+    async def go() -> None:
+        engine, inner, app = _lifecycle()
+        paused = {"on": False}
+        orig_pause, orig_resume, orig_call = engine.pause_generation, engine.resume_generation, inner.__call__
+
+        async def pause(mode, clear_cache):  # vLLM 0.33: refuses new requests from the pause on
+            paused["on"] = True
+            await orig_pause(mode, clear_cache)
+
+        async def resume():
+            paused["on"] = False
+            await orig_resume()
+        engine.pause_generation, engine.resume_generation = pause, resume
+
+        async def vllm(scope, receive, send):
+            if scope["path"] == contract.ROUTE_CHAT and paused["on"]:
+                body = b'{"error": {"message": "Generation is paused", "code": "engine_paused"}}'
+                await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await orig_call(scope, receive, send)
+        app_inner = vllm
+        mw = WeightSyncLifecycleMiddleware(app_inner)
+
+        async def app2(scope, receive, send):
+            scope["app"] = inner
+            await mw(scope, receive, send)
+
+        async with _client(app2) as c:
+            assert (await c.post(contract.ROUTE_START_WEIGHT_UPDATE)).status_code == 200
+            chat = asyncio.create_task(c.post(contract.ROUTE_CHAT, json={}))
+            await asyncio.sleep(0.2)
+            assert not chat.done()  # held, not refused
+            engine.report.update(buckets=1)
+            assert (await c.post(contract.ROUTE_FINISH_WEIGHT_UPDATE, json={"weight_version": 5})).status_code == 200
+            r = await asyncio.wait_for(chat, 5)
+            assert r.status_code == 200 and r.json()["weight_version"] == 5
+            # a broken-off update reopens too
+            assert (await c.post(contract.ROUTE_START_WEIGHT_UPDATE)).status_code == 200
+            chat = asyncio.create_task(c.post(contract.ROUTE_CHAT, json={}))
+            await asyncio.sleep(0.1)
+            assert not chat.done()
+            inner.fail_update = True
+            engine.report.update(buckets=0)
+            assert (await c.post(contract.ROUTE_UPDATE_WEIGHTS, json={"update_info": {}})).status_code == 500
+            r = await asyncio.wait_for(chat, 5)
+            assert r.status_code == 200 and r.json()["weight_version"] == 5
+
+    asyncio.run(go())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from test_vllm_server import VLLM_PYTHON, vllm_config
+from tests.test_vllm_server import VLLM_PYTHON, vllm_config
 
 pytestmark = pytest.mark.slow
 

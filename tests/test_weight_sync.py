@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import copy
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,20 +21,26 @@ from backend import contract
 from backend.sampling import banned_token_ids, logit_bias_for
 from backend.weight_sync import (
     BucketSpec,
+    WeightReceiver,
     WeightSyncClient,
     WeightSyncError,
+    close_group,
     contiguous_view,
     flatten_parameters,
+    host_store,
+    open_group,
     pack_bucket,
     plan_buckets,
     spec_of,
     unpack_bucket,
 )
+from backend.weight_sync import groups
 from environments.colors import ColorsEnv
-from serverproc import ServerProc, encode, forward_logprobs, free_port, load_trainer_side, serving, wire_messages, write_config
+from tests.serverproc import ServerProc, encode, forward_logprobs, free_port, load_trainer_side, serving, wire_messages, write_config
 
 TOKEN = "sync-token"
 AUTH = {contract.TOKEN_HEADER: f"Bearer {TOKEN}"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +126,180 @@ def test_flat_parameters_go_out_without_packing_and_land_in_place() -> None:
     assert all(float(p.detach().abs().sum()) == 0 for p in net.parameters())
 
 
+def test_floating_tensors_are_cast_bucket_by_bucket_and_planned_at_their_cast_size() -> None:
+    a, c, d = torch.randn(10), torch.randn(10), torch.randn(3, 2)
+    b, z = torch.arange(3, dtype=torch.int64), torch.tensor([7], dtype=torch.int8)
+    named = [("a", a), ("b", b), ("c", c), ("z", z), ("d", d)]
+    # fp32: a=40, b=24, c=40, z=1, d=24 bytes; as bf16 the floats take half
+    assert [[n for n, _ in bk] for bk in plan_buckets(named, 44)] == [["a"], ["b"], ["c", "z"], ["d"]]
+    buckets = plan_buckets(named, 44, torch.bfloat16)
+    assert [[n for n, _ in bk] for bk in buckets] == [["a", "b"], ["c", "z", "d"]]
+    want = {"a": a.to(torch.bfloat16), "b": b, "c": c.to(torch.bfloat16), "z": z, "d": d.to(torch.bfloat16)}
+    for items in buckets:
+        spec = spec_of(items, torch.bfloat16)
+        assert spec.dtypes == [want[n].dtype for n, _ in items]
+        assert spec.nbytes == sum(want[n].numel() * want[n].element_size() for n, _ in items)
+        info = BucketSpec.from_update_info(spec.update_info())
+        assert info.dtypes == spec.dtypes and spec.update_info()["packed_buffer_size_bytes"] == spec.nbytes
+        flat = pack_bucket(items, torch.empty(spec.nbytes + 8, dtype=torch.uint8), torch.bfloat16)
+        assert flat.numel() == spec.nbytes
+        # "d" lies at byte 21 of its bucket: packed and unpacked through a copy, not a view
+        for name, t in unpack_bucket(flat.clone(), spec):
+            assert t.dtype == want[name].dtype and torch.equal(t, want[name]), name
+    # without a cast the bytes are the tensors' own
+    assert torch.equal(pack_bucket([("a", a)], torch.empty(40, dtype=torch.uint8)), a.view(torch.uint8))
+
+
+class SlowGpuWork:
+    """Stand-in for a torch Work with GPU (NCCL) semantics, a boundary we do not own: its
+    future completes at once (the work was enqueued), is_completed() only once the kernel
+    ran, here ``after_s`` from now."""
+
+    def __init__(self, after_s: float, error: Exception | None = None) -> None:
+        self.done_at = time.monotonic() + after_s
+        self.error = error
+        self.waited = False
+        self._future: torch.futures.Future[None] = torch.futures.Future()
+        self._future.set_result(None)
+
+    def get_future(self) -> torch.futures.Future[None]:
+        return self._future
+
+    def is_completed(self) -> bool:
+        return time.monotonic() >= self.done_at
+
+    def wait(self) -> bool:
+        self.waited = True
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+class RecordingGroup:
+    """Stand-in for a torch process group that records the teardown calls made on it."""
+
+    def __init__(self, work: Any = None, shutdown_error: Exception | None = None) -> None:
+        self.calls: list[str] = []
+        self.work = work
+        self.shutdown_error = shutdown_error
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> Any:
+        self.calls.append("broadcast")
+        return self.work
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+        if self.shutdown_error is not None:
+            raise self.shutdown_error
+
+
+def test_waiting_for_a_gpu_work_sleeps_until_it_ran_instead_of_spinning() -> None:
+    client = WeightSyncClient("http://127.0.0.1:9", None, timeout_s=10)
+    try:
+        work = SlowGpuWork(1.0)
+        cpu0 = time.thread_time()
+        client._wait("broadcasting bucket 1/1", work, None)
+        cpu = time.thread_time() - cpu0
+        late = time.monotonic() - work.done_at
+    finally:
+        client.close()
+    print(f"waited 1 s for a GPU work: {cpu * 1000:.1f} ms of CPU, returned {late * 1000:.1f} ms after it ran")
+    assert work.waited, "wait() must still be called: it raises the collective's error"
+    assert 0 <= late < 0.05
+    assert cpu < 0.1, f"{cpu:.2f}s of CPU in a 1 s wait: spinning"
+
+
+def test_a_wait_ends_when_the_server_call_fails_or_at_the_timeout_and_aborts_the_group() -> None:
+    client = WeightSyncClient("http://127.0.0.1:9", None, timeout_s=0.5)
+    try:
+        client.pg = pg = RecordingGroup()
+        http: cf.Future[Any] = cf.Future()
+        threading.Timer(0.2, http.set_exception, (RuntimeError("answered 500: load failed"),)).start()
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError, match="server side failed: answered 500"):
+            client._wait("broadcasting bucket 1/3", SlowGpuWork(60), http)
+        assert 0.15 < time.monotonic() - t0 < 0.45
+        assert pg.calls == ["abort"] and client.pg is None
+
+        client.pg = pg = RecordingGroup()
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError, match="not done within 0.5s"):
+            client._wait("broadcasting bucket 2/3", SlowGpuWork(60), None)
+        assert 0.45 < time.monotonic() - t0 < 1.0
+        assert pg.calls == ["abort"]
+
+        client.pg = pg = RecordingGroup()
+        with pytest.raises(WeightSyncError, match="failed: Connection closed by peer"):
+            client._wait("broadcasting bucket 3/3", SlowGpuWork(0, RuntimeError("Connection closed by peer")), None)
+        assert pg.calls == ["abort"]
+    finally:
+        client.close()
+
+
+def test_failures_abort_the_group_and_only_a_normal_close_shuts_it_down() -> None:
+    client = WeightSyncClient("http://127.0.0.1:9", None, timeout_s=5)
+    client.pg = broken = RecordingGroup()
+    client._break()
+    client.pg = healthy = RecordingGroup()
+    client.close()
+    assert broken.calls == ["abort"] and healthy.calls == ["shutdown"]
+    # a shutdown that fails falls back to abort; abort is never followed by anything
+    pg = RecordingGroup(shutdown_error=RuntimeError("shutdown not supported"))
+    close_group(pg)
+    assert pg.calls == ["shutdown", "abort"]
+
+    # the server side: a receive whose collective fails aborts the group
+    loaded: list[Any] = []
+    receiver = WeightReceiver(loaded.extend)
+    receiver.pg = pg = RecordingGroup(work=SlowGpuWork(0, RuntimeError("NCCL communicator was aborted")))
+    receiver._pool = groups_buffer_pool()
+    receiver.timeout_s = 5
+    info = {"names": ["w"], "dtype_names": ["float32"], "shapes": [[4]], "packed": True}
+    with pytest.raises(WeightSyncError, match="NCCL communicator was aborted"):
+        receiver.receive(info)
+    assert pg.calls == ["broadcast", "abort"] and not receiver.ready and loaded == []
+    with pytest.raises(WeightSyncError, match="no weight-transfer group"):
+        receiver.receive(info)
+    # leaving the group on the server side (a new trainer replaces it, the server stops) aborts too
+    receiver.pg = pg = RecordingGroup()
+    receiver.shutdown()
+    assert pg.calls == ["abort"]
+
+
+def groups_buffer_pool() -> Any:
+    from backend.weight_sync import BufferPool
+
+    return BufferPool("cpu")
+
+
+def test_our_nccl_settings_apply_only_while_our_group_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    # values and names checked against torch 2.14.1's ProcessGroupNCCL.hpp (see groups.py)
+    assert groups.NCCL_GROUP_ENV == {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+                                     "TORCH_NCCL_ENABLE_MONITORING": "0", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # the process's own choice, e.g. for FSDP
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
+    with groups.nccl_group_env():
+        assert {k: os.environ.get(k) for k in groups.NCCL_GROUP_ENV} == groups.NCCL_GROUP_ENV
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ
+    with pytest.raises(RuntimeError, match="boom"), groups.nccl_group_env():
+        raise RuntimeError("boom")
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ
+    if hasattr(torch.distributed, "ProcessGroupNCCL"):  # the CUDA build: options work without a GPU
+        opts = groups._group_options("nccl", 12.0, "127.0.0.1")
+        assert opts.config.blocking == 0 and opts._timeout.total_seconds() == 12.0
+
+
+def test_a_peer_that_never_joins_gives_a_weight_sync_error_within_the_timeout() -> None:
+    store = host_store("127.0.0.1", 0, 2, 2.0)
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match="joining the gloo group as rank 0/2 failed"):
+        open_group("gloo", store, 0, 2, 2.0, prefix="nobody-comes")
+    assert time.monotonic() - t0 < 6
+
+
 def test_sync_makes_the_server_follow_the_trainer(server: ServerProc, trainer_side: tuple[Any, Any]) -> None:
     model, processor = trainer_side
     bias = logit_bias_for(banned_token_ids(processor.tokenizer))
@@ -150,6 +333,72 @@ def test_sync_makes_the_server_follow_the_trainer(server: ServerProc, trainer_si
         assert assert_server_follows(model, processor, server, examples, bias) == before
         info = httpx.get(server.url + contract.ROUTE_WEIGHT_INFO, headers=AUTH).json()
         assert info["weight_version"] == 2 and info["group"]["joined"] is True
+
+
+IDLE_PEER = textwrap.dedent("""
+    import sys, time, torch
+    from backend.weight_sync import broadcast, join_store, open_group, wait_work
+    pg = open_group("gloo", join_store("127.0.0.1", int(sys.argv[1]), 2, 30), 1, 2, 30, prefix="idle-peer")
+    wait_work(broadcast(pg, torch.zeros(1, dtype=torch.int64)), 30, "probe")
+    print("joined", flush=True)
+    time.sleep(600)  # never posts the receive of the next broadcast
+""")
+
+
+def test_aborting_a_group_with_work_pending_returns_at_once() -> None:
+    store = host_store("127.0.0.1", 0, 2, 30)
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_PEER, str(store.port)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        pg = open_group("gloo", store, 0, 2, 5.0, prefix="idle-peer")
+        groups.wait_work(groups.broadcast(pg, torch.zeros(1, dtype=torch.int64)), 30, "probe")
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "joined"
+        work = groups.broadcast(pg, torch.zeros(64 << 20, dtype=torch.uint8))  # more than the socket buffers
+        time.sleep(0.3)
+        assert not work.is_completed()
+        t0 = time.monotonic()
+        groups.abort_group(pg)
+        del pg  # the caller's last reference: the group's destructor would wait for the send (5 s)
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(WeightSyncError):
+            groups.wait_work(work, 10, "the pending broadcast")  # it still ends, at gloo's timeout
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_fp32_weights_sent_as_bf16_land_bf16_rounded(server: ServerProc, trainer_side: tuple[Any, Any]) -> None:
+    model, processor = trainer_side
+    bias = logit_bias_for(banned_token_ids(processor.tokenizer))
+    examples = ColorsEnv().eval_examples(3)
+    fp32 = copy.deepcopy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in fp32.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    rounded = copy.deepcopy(fp32)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    n_params = sum(p.numel() for p in fp32.parameters())
+    with WeightSyncClient(server.url, TOKEN, bucket_bytes=256 << 10, timeout_s=60) as client:
+        stats = client.sync(fp32.named_parameters(), version=30, dtype=torch.bfloat16)
+        assert stats.bytes == 2 * n_params  # every parameter is floating point: half the fp32 bytes
+        assert all(p.dtype == torch.float32 for p in fp32.parameters()), "the trainer's weights stay fp32"
+        assert_server_follows(rounded, processor, server, examples, bias)
+        # ... and not the fp32 values themselves (the rounding is visible in the logprobs)
+        ids, lps = greedy(server, examples[0].messages, bias)
+        ref = forward_logprobs(fp32, encode(processor, examples[0].messages), ids, 0.0, bias)
+        assert (torch.tensor(lps) - ref.gather(1, torch.tensor(ids)[:, None]).squeeze(1)).abs().max() > 1e-4
+        # parameters lying back to back must still be cast, not sent as their fp32 bytes
+        client.sync(model.named_parameters(), version=31)
+        flatten_parameters(fp32)
+        with pytest.raises(WeightSyncError, match="floating-point dtype"):
+            client.sync(fp32.named_parameters(), version=32, dtype=torch.int8)
+        stats = client.sync(fp32.named_parameters(), version=32, dtype=torch.bfloat16)
+        assert stats.bytes == 2 * n_params
+        assert_server_follows(rounded, processor, server, examples, bias)
+    assert httpx.get(server.url + contract.ROUTE_HEALTH).json()["weight_version"] == 32
 
 
 def test_load_error_is_reported_and_a_full_sync_recovers(server: ServerProc, trainer_side: tuple[Any, Any]) -> None:
@@ -257,16 +506,68 @@ def test_a_server_dying_mid_sync_never_hangs_the_trainer(tmp_path: Path, tiny_mo
     client = WeightSyncClient(srv.url, TOKEN, bucket_bytes=4 << 20, timeout_s=20)
     try:
         client.init()
-        import threading
-
-        killer = threading.Timer(0.5, srv.proc.kill)
+        killer = threading.Timer(0.15, srv.proc.kill)  # the whole sync takes ~0.4 s here
         killer.start()
         t0 = time.monotonic()
-        with pytest.raises(WeightSyncError) as err:
+        with pytest.raises(WeightSyncError, match="bucket") as err:  # killed mid-sync, not after it
             client.sync(big, version=1)
         print(f"trainer noticed the dead server after {time.monotonic() - t0:.2f}s: {err.value}")
         assert time.monotonic() - t0 < 20
         killer.join()
+        assert client.pg is None, "the broken group was aborted and forgotten"
+        t1 = time.monotonic()
+        client.close()
+        assert time.monotonic() - t1 < 2, "closing after a failure must not wait for the dead peer"
     finally:
         client.close()
         srv.stop()
+
+
+KILLED_TRAINER = textwrap.dedent("""
+    import sys, time, torch
+    from backend.weight_sync import broadcast, host_store, open_group, wait_work
+    store = host_store("127.0.0.1", 0, 2, 30)
+    print(store.port, flush=True)
+    pg = open_group("gloo", store, 0, 2, 30, prefix="killed-trainer")
+    wait_work(broadcast(pg, torch.zeros(1, dtype=torch.int64)), 30, "probe")
+    wait_work(broadcast(pg, torch.arange(16, dtype=torch.float32)), 30, "bucket 1")
+    print("sent bucket 1", flush=True)
+    time.sleep(600)  # never sends bucket 2: killed while the receiver waits for it
+""")
+
+
+def test_a_peer_killed_mid_bucket_gives_the_receiver_an_error_and_close_does_not_hang() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    received: list[tuple[str, torch.Tensor]] = []
+    receiver = WeightReceiver(lambda named: received.extend((n, t.clone()) for n, t in named))
+    pool = cf.ThreadPoolExecutor(1)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        receiver.init({"master_address": "127.0.0.1", "master_port": port, "world_size": 2, "rank_offset": 1,
+                       "timeout_s": 20, "group_name": "killed-trainer", "probe": True})
+        receiver.start()
+        info = {"names": ["w"], "dtype_names": ["float32"], "shapes": [[16]], "packed": True}
+        receiver.receive(info)
+        receiver.wait_loaded()
+        assert received[0][0] == "w" and torch.equal(received[0][1], torch.arange(16, dtype=torch.float32))
+        assert proc.stdout.readline().strip() == "sent bucket 1"
+        second = pool.submit(receiver.receive, info)
+        time.sleep(0.3)
+        assert not second.done(), "bucket 2 must be in flight when the peer dies"
+        t0 = time.monotonic()
+        proc.kill()  # SIGKILL
+        with pytest.raises(WeightSyncError, match="receiving a bucket of 64 bytes failed"):
+            second.result(timeout=25)
+        took = time.monotonic() - t0
+        print(f"receiver noticed the killed trainer after {took:.2f}s")
+        assert took < 20 and not receiver.ready
+        t1 = time.monotonic()
+        receiver.shutdown()
+        assert time.monotonic() - t1 < 2
+    finally:
+        proc.kill()
+        proc.wait()
+        pool.shutdown()
+        receiver.shutdown()

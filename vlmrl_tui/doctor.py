@@ -5,7 +5,9 @@ calls it with ``fast_only=True`` (no heavy imports, well under a second) and ref
 start when a check fails. The full doctor also imports torch, torchvision and
 transformers for real, because a broken pairing (e.g. torch 2.13 with any torchvision)
 only shows on import; vLLM is imported by the python that will run it (usually its own
-venv), in a subprocess (:mod:`backend.vllm_ext.probe`), never in this process.
+venv), in a subprocess (:mod:`backend.vllm_ext.probe`), never in this process. The GPU
+checks (devices, driver vs CUDA build, GPU sharing, P2P, the trainer's memory estimate,
+which only the full doctor makes) live in :mod:`vlmrl_tui.doctor_gpu`.
 """
 
 from __future__ import annotations
@@ -17,17 +19,24 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from backend import net
 from backend.config import KNOWN_NCCL_VARS, VlmrlConfig
 from backend.errors import ConfigError, VlmrlError
-from backend.records import PROC_SERVER, PROC_TRAINER
-from vlmrl_tui.checks import FAIL, OK, WARN, CheckResult, format_check
+from vlmrl_tui.checks import FAIL, OK, SKIP, WARN, CheckResult, format_check, torch_requirements
+from vlmrl_tui.doctor_gpu import (
+    check_colocation,
+    check_cuda_build,
+    check_gpus,
+    check_memory,
+    check_overlap,
+    check_p2p,
+)
 from vlmrl_tui.doctor_vllm import check_vllm
-from vlmrl_tui.plan import RunPlan, build_plan, gpus_needed, run_dir_problem, visible_gpus
+from vlmrl_tui.plan import build_plan, run_dir_problem
 
-__all__ = ["FAIL", "OK", "WARN", "CheckResult", "check_model", "check_vllm", "doctor_main", "format_check",
+__all__ = ["FAIL", "OK", "SKIP", "WARN", "CheckResult", "check_model", "check_vllm", "doctor_main", "format_check",
            "run_checks"]
 
 GiB = 1024**3
@@ -68,7 +77,7 @@ def check_python() -> CheckResult:
 
 def check_torch(fast: bool) -> list[CheckResult]:
     torch_v, tv_v = _version("torch"), _version("torchvision")
-    pin = "pip install torch==2.14.1 torchvision==0.29.1"
+    pin = f"pip install {torch_requirements()}"
     if torch_v is None:
         return [CheckResult("torch", FAIL, "not installed", pin)]
     out: list[CheckResult] = []
@@ -114,51 +123,8 @@ def check_transformers(fast: bool) -> CheckResult:
         except Exception as e:  # noqa: BLE001
             return CheckResult("transformers", FAIL, f"{v} installed but `from transformers import AutoProcessor` "
                                f"fails: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                               "fix the torch/torchvision pair: pip install torch==2.14.1 torchvision==0.29.1")
+                               f"fix the torch/torchvision pair: pip install {torch_requirements()}")
     return CheckResult("transformers", OK, v)
-
-
-def check_gpus(cfg: VlmrlConfig | None, env: Mapping[str, str], snapshot: Any) -> list[CheckResult]:
-    need_s = cfg.inference.gpus if cfg else 0
-    need_t = cfg.trainer.gpus if cfg else 0
-    share = cfg.run.share_gpus if cfg else False
-    need = gpus_needed(need_s, need_t, share)
-    out: list[CheckResult] = []
-    if not snapshot.available or not snapshot.gpus:
-        why = snapshot.error or "NVML reports no GPU"
-        if need:
-            out.append(CheckResult("gpus", FAIL, f"no GPU ({why}) but the config needs {need}",
-                                   "run on a GPU machine, or set inference.gpus = 0 and trainer.gpus = 0 "
-                                   "(engine 'hf' on CPU)"))
-        else:
-            out.append(CheckResult("gpus", OK, f"no GPU ({why}); this config runs on CPU"))
-        return out
-    names = sorted({g.name for g in snapshot.gpus})
-    out.append(CheckResult("gpus", OK, f"{len(snapshot.gpus)} x {', '.join(names)}; driver "
-                           f"{snapshot.driver_version}, CUDA {snapshot.cuda_version}"))
-    if cfg is not None:
-        listed = visible_gpus(env)
-        visible = len(snapshot.gpus) if listed is None else min(len(listed), len(snapshot.gpus))
-        shown = f"{visible} visible" + (f" (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})"
-                                         if "CUDA_VISIBLE_DEVICES" in env else "")
-        want = f"inference.gpus {need_s} + trainer.gpus {need_t}" + (" (shared)" if share else "")
-        if need > visible:
-            out.append(CheckResult("gpu count", FAIL, f"{want} = {need}, but {shown}",
-                                   "lower inference.gpus/trainer.gpus, widen CUDA_VISIBLE_DEVICES, or set "
-                                   "run.share_gpus = true"))
-        else:
-            out.append(CheckResult("gpu count", OK, f"{want} = {need}; {shown}"))
-    return out
-
-
-def check_overlap(cfg: VlmrlConfig, plan: RunPlan) -> CheckResult:
-    s, t = plan.process(PROC_SERVER).gpus, plan.process(PROC_TRAINER).gpus
-    both = sorted(set(s) & set(t))
-    text = f"server GPUs [{','.join(s) or 'none'}], trainer GPUs [{','.join(t) or 'none'}]"
-    if both:
-        return CheckResult("gpu overlap", WARN, f"{text}: GPU {','.join(both)} shared (run.share_gpus = true)",
-                           "keep inference.args.gpu_memory_utilization low enough for the trainer to fit")
-    return CheckResult("gpu overlap", OK, text + ": no GPU shared")
 
 
 def check_port(name: str, host: str, port: int, key: str) -> CheckResult:
@@ -202,39 +168,6 @@ def check_nccl(cfg: VlmrlConfig | None, env: Mapping[str, str], plan: Any) -> li
     else:
         out.append(CheckResult("nccl shell", OK, "no NCCL variables in your shell"))
     return out
-
-
-def check_p2p(cfg: VlmrlConfig, plan: RunPlan, snapshot: Any, p2p: Callable[[int, int], Any]) -> CheckResult:
-    if cfg.inference.gpus == 0 and cfg.trainer.gpus == 0:
-        return CheckResult("nccl p2p", OK, "no GPU in use: weight sync goes over gloo, NCCL is not used")
-    if not snapshot.gpus:
-        return CheckResult("nccl p2p", OK, "no GPU visible: P2P support cannot be checked here")
-    ids = [next(iter(plan.process(proc).gpus), None) for proc in (PROC_SERVER, PROC_TRAINER)]
-    index = {g.uuid: g.index for g in snapshot.gpus}
-    nv = []
-    for x in ids:
-        if x is None:
-            nv.append(None)
-        elif x.isdigit():
-            nv.append(int(x))
-        else:
-            nv.append(index.get(x))
-    disabled = cfg.nccl_env().get("NCCL_P2P_DISABLE") == "1"
-    if None in nv or nv[0] == nv[1]:
-        return CheckResult("nccl p2p", OK, "server and trainer do not talk across two GPUs")
-    ok = p2p(nv[0], nv[1])
-    pair = f"GPU {nv[0]} <-> GPU {nv[1]}"
-    if ok is True:
-        if disabled:
-            return CheckResult("nccl p2p", OK, f"{pair} supports P2P; P2P_DISABLE = 1 makes weight sync go "
-                               "through host memory (slower, but safe)")
-        return CheckResult("nccl p2p", OK, f"{pair} supports P2P")
-    if ok is False:
-        if disabled:
-            return CheckResult("nccl p2p", OK, f"{pair} has no P2P/NVLink; P2P_DISABLE = 1 is set")
-        return CheckResult("nccl p2p", WARN, f"{pair} has no P2P/NVLink: NCCL may hang or fail",
-                           "add P2P_DISABLE = 1 to the [nccl] table")
-    return CheckResult("nccl p2p", OK, f"{pair}: P2P support unknown (NVML cannot tell)")
 
 
 def check_proxy(env: Mapping[str, str]) -> CheckResult:
@@ -328,18 +261,38 @@ def check_model(cfg: VlmrlConfig, env: Mapping[str, str]) -> CheckResult:
                        f"huggingface-cli download {m} (ahead of time, so the start does not wait)")
 
 
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be found without importing it (the fast preflight must stay fast)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_env_id(cfg: VlmrlConfig, fast: bool) -> CheckResult:
     import environments
+    from environments.modules import module_name
 
     ids = environments.available()
-    if cfg.env.id not in ids:
+    if cfg.env.id not in ids and not _importable(module_name(cfg.env.id)):
         hint = difflib.get_close_matches(cfg.env.id, ids, n=1)
-        return CheckResult("environment", FAIL, f"unknown environment {cfg.env.id!r}",
-                           f"did you mean {hint[0]!r}?" if hint else f"one of: {', '.join(ids)}")
+        return CheckResult("environment", FAIL, f"unknown environment {cfg.env.id!r}: not built in, and no module "
+                           f"{module_name(cfg.env.id)!r} with load_environment() is installed",
+                           f"did you mean {hint[0]!r}?" if hint else
+                           f"one of: {', '.join(ids)}, or pip install the environment's package")
     if not fast:
-        try:
-            environments.make_env(cfg.env.id, cfg.env.args)
-        except Exception as e:  # noqa: BLE001
+        from backend.envs import build_env
+
+        try:  # what the trainer does with [env]: the same refusals, in the same words
+            build_env(cfg.env.id, cfg.env.args)
+        except ConfigError as e:
+            multi_turn = "multi-turn" in e.message
+            return CheckResult("environment", FAIL, f"{cfg.env.id!r} with args {cfg.env.args}: {e.message}",
+                               "use a single-turn environment (e.g. colors) until multi-turn training lands"
+                               if multi_turn else "fix the [env.args] table")
+        except Exception as e:  # noqa: BLE001 - an environment's own code may raise anything
             return CheckResult("environment", FAIL, f"{cfg.env.id!r} with args {cfg.env.args}: {e}",
                                "fix the [env.args] table")
     return CheckResult("environment", OK, f"{cfg.env.id}" + ("" if fast else f" (args {cfg.env.args or '{}'})"))
@@ -374,7 +327,8 @@ def run_checks(
     if cfg is not None and cfg.inference.engine == "vllm":
         results += check_vllm(cfg, fast_only)
     snapshot = gpu.take_snapshot(nvml)
-    results += check_gpus(cfg, env, snapshot)
+    results += check_gpus(cfg, env, snapshot, fast_only)
+    results += check_cuda_build(cfg, snapshot)
     if cfg is not None and plan is None:
         try:
             plan = build_plan(cfg, None, base_env=env, sync_port=cfg.trainer.args.sync_port or 1, token="doctor")
@@ -384,6 +338,7 @@ def run_checks(
             results.append(CheckResult("plan", FAIL, str(e)))
     if cfg is not None and plan is not None:
         results.append(check_overlap(cfg, plan))
+        results += check_colocation(cfg, plan, env, nvml, fast_only)
     if cfg is not None:
         inf = cfg.inference
         results.append(check_port("server port", inf.host, inf.port, "inference.port"))
@@ -393,7 +348,9 @@ def run_checks(
             results.append(CheckResult("sync port", OK, "a free port is picked at start"))
     results += check_nccl(cfg, env, plan)
     if cfg is not None and plan is not None:
-        results.append(check_p2p(cfg, plan, snapshot, lambda i, j: gpu.p2p_status(i, j, nvml)))
+        results.append(check_p2p(cfg, plan, snapshot, nvml))
+        if not fast_only:  # builds the model on the meta device: needs torch and transformers
+            results += check_memory(cfg, plan, snapshot, nvml)
     results.append(check_proxy(env))
     results.append(check_shm())
     if cfg is not None:
@@ -416,5 +373,7 @@ def doctor_main(cfg: VlmrlConfig | None, as_json: bool = False) -> int:
     for r in results:
         print(format_check(r, color))
     warns = sum(r.status == WARN for r in results)
-    print(f"\n{len(results) - warns - len(failed)} ok, {warns} warn, {len(failed)} fail")
+    skips = sum(r.status == SKIP for r in results)
+    skipped = f", {skips} skip" if skips else ""
+    print(f"\n{len(results) - warns - skips - len(failed)} ok, {warns} warn, {len(failed)} fail{skipped}")
     return 1 if failed else 0

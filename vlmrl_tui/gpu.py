@@ -13,15 +13,18 @@ namespace, per-process memory may not match the children's pids (fields stay N/A
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 __all__ = [
-    "NA", "NaType", "Nvml", "GpuProcess", "GpuSnapshot", "GpuSystemSnapshot", "GpuSampler",
-    "take_snapshot", "p2p_status", "gpu_memory_by_pid", "default_nvml",
+    "NA", "NaType", "Nvml", "GpuProcess", "GpuSnapshot", "GpuSystemSnapshot", "GpuSampler", "DeviceRef",
+    "take_snapshot", "p2p_status", "resolve_device", "cuda_device_count", "gpu_memory_by_pid", "default_nvml",
 ]
 
 
@@ -275,11 +278,76 @@ def p2p_status(i: int, j: int, nvml: Nvml | None = None) -> bool | NaType:
     if hi is None or hj is None:
         return NA
     index = nvml.constant("NVML_P2P_CAPS_INDEX_READ")
+    if isinstance(index, tuple):  # nvidia-ml-py defines it as `0,` (a tuple), which ctypes refuses
+        index = index[0] if index else None
     ok = nvml.constant("NVML_P2P_STATUS_OK", 0)
     if index is None:
         return NA
     status = nvml.query("nvmlDeviceGetP2PStatus", hi, hj, index)
     return NA if status is NA else status == ok
+
+
+@dataclass(frozen=True)
+class DeviceRef:
+    """A CUDA device as ``CUDA_VISIBLE_DEVICES`` names it, placed on its physical GPU."""
+
+    ident: str  # index, GPU-UUID or MIG-UUID
+    gpu: int  # NVML index of the physical GPU (a MIG slice's parent)
+    memory_total: float | int = NA  # bytes of the device itself (a MIG slice: its own share)
+    mig: bool = False
+
+
+def resolve_device(ident: str, nvml: Nvml | None = None) -> DeviceRef | None:
+    """Where ``ident`` (a ``CUDA_VISIBLE_DEVICES`` entry) lives; None when NVML cannot tell.
+
+    Indices are NVML's, which match CUDA's under ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (what the
+    run plan sets). Two MIG slices of one GPU resolve to the same ``gpu``.
+    """
+    nvml = nvml or default_nvml()
+    ident = ident.strip()
+    if ident.isdigit():
+        handle = nvml.query("nvmlDeviceGetHandleByIndex", int(ident), default=None)
+    elif ident.startswith(("GPU-", "MIG-")):
+        handle = nvml.query("nvmlDeviceGetHandleByUUID", ident, default=None)
+    else:
+        return None
+    if handle is None:
+        return None
+    mig = ident.startswith("MIG-")
+    if ident.isdigit():
+        index: Any = int(ident)
+    else:
+        parent = nvml.query("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", handle, default=None) if mig else handle
+        index = nvml.query("nvmlDeviceGetIndex", parent, default=None) if parent is not None else None
+    if not isinstance(index, int):
+        return None
+    mem = nvml.query("nvmlDeviceGetMemoryInfo", handle, default=None)
+    total = getattr(mem, "total", NA) if mem is not None else NA
+    return DeviceRef(ident, index, total if isinstance(total, int) else NA, mig)
+
+
+_COUNT_CODE = "import torch; print(torch.cuda.device_count())"
+
+
+def cuda_device_count(env: Mapping[str, str] | None = None, python: str | None = None,
+                      timeout_s: float = 120.0) -> int | None:
+    """CUDA devices torch sees, asked in a subprocess (no CUDA state in this process); None if it cannot say.
+
+    For containers without NVML (no ``utility`` driver capability) where CUDA still works.
+    ``env``'s ``CUDA_VISIBLE_DEVICES`` (or its absence) is the child's.
+    """
+    child = dict(os.environ)
+    if env is not None:
+        child.pop("CUDA_VISIBLE_DEVICES", None)
+        if "CUDA_VISIBLE_DEVICES" in env:
+            child["CUDA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"]
+    try:
+        r = subprocess.run([python or sys.executable, "-c", _COUNT_CODE], capture_output=True, text=True,
+                           timeout=timeout_s, env=child)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = r.stdout.strip().splitlines()
+    return int(out[-1]) if r.returncode == 0 and out and out[-1].isdigit() else None
 
 
 def gpu_memory_by_pid(

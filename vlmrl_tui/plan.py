@@ -8,9 +8,12 @@ and one :class:`ProcessSpec` each for the inference server and the trainer.
 Both children get ONE environment: the caller's shell, then the variables vlmrl sets
 (``[nccl]`` table, ``CUDA_DEVICE_ORDER``, run token and directory, server URL, loopback in
 ``no_proxy``). The weight-sync port travels one way only: in the resolved config
-(``trainer.args.sync_port``) that both children read. Only ``CUDA_VISIBLE_DEVICES`` differs, so that server and trainer never
-share a GPU unless ``run.share_gpus`` says so. A shell variable that contradicts the config
-is reported in :attr:`RunPlan.notes` (the config wins), never mixed in silently.
+(``trainer.args.sync_port``) that both children read. Only ``CUDA_VISIBLE_DEVICES`` differs,
+so that server and trainer never share a GPU unless ``run.share_gpus`` says so; when they do,
+both get ``NCCL_MULTI_RANK_GPU_ENABLE=1`` (unless ``[nccl]`` sets it), without which NCCL
+refuses two ranks of the weight-sync communicator on one GPU ("Duplicate GPU detected"). A
+shell variable that contradicts the config is reported in :attr:`RunPlan.notes` (the config
+wins), never mixed in silently.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from backend.vllm_ext.command import vllm_server_argv, vllm_server_env
 from vlmrl_tui.proctree import supervisor_alive
 
 MASKED = "********"
+#: NCCL >= 2.30: two ranks of one communicator may use the same GPU (server and trainer sharing one)
+MULTI_RANK_GPU_VAR = "NCCL_MULTI_RANK_GPU_ENABLE"
 # Variables whose value is a secret: never printed.
 SECRET_VARS = frozenset({contract.ENV_RUN_TOKEN})
 # Variables vlmrl sets for which a different value in the shell is worth a warning.
@@ -123,18 +128,29 @@ def gpus_needed(n_server: int, n_trainer: int, share: bool) -> int:
 
 
 def visible_gpus(env: Mapping[str, str]) -> list[str] | None:
-    """The GPU ids (or UUIDs) ``CUDA_VISIBLE_DEVICES`` lists; None when it is not set."""
+    """The GPU ids (or UUIDs) ``CUDA_VISIBLE_DEVICES`` makes visible; None when it is not set.
+
+    Like CUDA, the list ends at the first entry that is neither an index nor a GPU-/MIG- UUID
+    (``-1`` hides every GPU).
+    """
     text = env.get("CUDA_VISIBLE_DEVICES")
-    return [x.strip() for x in text.split(",") if x.strip()] if text is not None else None
+    if text is None:
+        return None
+    out = []
+    for x in (x.strip() for x in text.split(",")):
+        if not (x.isdigit() or x.startswith(("GPU-", "MIG-"))):
+            break
+        out.append(x)
+    return out
 
 
 def split_gpus(
-    n_server: int, n_trainer: int, pool: Sequence[str] | None, share: bool
+    n_server: int, n_trainer: int, pool: Sequence[str] | None, share: bool, shell_value: str | None = None
 ) -> tuple[list[str], list[str]]:
     """GPU ids for server and trainer: disjoint slices of ``pool`` unless ``share``.
 
-    ``pool`` is the shell's ``CUDA_VISIBLE_DEVICES`` (ids or UUIDs); None means all GPUs,
-    numbered from 0 (the doctor checks that enough exist).
+    ``pool`` is what the shell's ``CUDA_VISIBLE_DEVICES`` (``shell_value``) makes visible (ids
+    or UUIDs); None means all GPUs, numbered from 0 (the doctor checks that enough exist).
     """
     need = gpus_needed(n_server, n_trainer, share)
     ids = list(pool) if pool is not None else [str(i) for i in range(need)]
@@ -143,8 +159,9 @@ def split_gpus(
             None,
             "inference.gpus",
             f"server needs {n_server} GPU(s) and trainer {n_trainer}"
-            f"{' (shared)' if share else ''}, but CUDA_VISIBLE_DEVICES in your shell lists "
-            f"{len(ids)}: {','.join(ids) or '(none)'}",
+            f"{' (shared)' if share else ''}, but CUDA_VISIBLE_DEVICES"
+            f"{'' if shell_value is None else '=' + repr(shell_value)} in your shell makes {len(ids)} visible: "
+            f"{','.join(ids) or '(none)'}; widen it, or lower inference.gpus/trainer.gpus",
         )
     server = ids[:n_server]
     trainer = ids[:n_trainer] if share else ids[n_server : n_server + n_trainer]
@@ -252,7 +269,10 @@ def build_plan(
         trainer_argv = list(restart_trainer)
 
     server_gpus, trainer_gpus = split_gpus(cfg.inference.gpus, cfg.trainer.gpus, visible_gpus(base),
-                                           cfg.run.share_gpus)
+                                           cfg.run.share_gpus, base.get("CUDA_VISIBLE_DEVICES"))
+    if set(server_gpus) & set(trainer_gpus):
+        # NCCL >= 2.30 lets two ranks of one communicator share a GPU only when asked to
+        shared.setdefault(MULTI_RANK_GPU_VAR, "1")
 
     def env_for(gpus: list[str]) -> dict[str, str]:
         env = dict(base)

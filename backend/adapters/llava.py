@@ -22,6 +22,18 @@ class LlavaAdapter(ProcessorAdapter):
             )
         return int(tid)
 
+    def check_prompt_text(self, text: str, n_images: int) -> None:
+        """One ``<image>`` placeholder per image.
+
+        transformers 5.24's processor refuses a mismatch, 5.20's (the vLLM 0.33 environment)
+        expands one placeholder for two images without a word, and the token count alone
+        cannot tell (16 tokens are a multiple of 2 images): count the placeholders instead.
+        """
+        token = getattr(self.processor, "image_token", None) or "<image>"
+        n = text.count(token)
+        if n != n_images:
+            raise ValueError(f"{n} {token} placeholder(s) in the prompt for {n_images} image(s)")
+
     def check_images(self, enc: PromptEncoding, n_images: int) -> str | None:
         pv = enc.image_kwargs.get("pixel_values")
         n_tokens = int((enc.input_ids == self._image_token_id()).sum())

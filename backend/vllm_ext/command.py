@@ -71,7 +71,7 @@ def vllm_python(cfg: VlmrlConfig) -> str:
 
     ``[inference] python`` if set (a relative path is taken from the working directory,
     else from the repository root); otherwise the repo's ``.venv-vllm`` on CPU when it
-    exists, else this interpreter (a GPU install with ``pip install vlmrl[vllm]``).
+    exists, else this interpreter (a GPU install with ``pip install -e ".[vllm]"``).
     """
     py = cfg.inference.python
     if py:

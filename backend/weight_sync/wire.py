@@ -102,8 +102,16 @@ class BucketSpec:
         return spec
 
 
-def plan_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Group tensors, in order, into buckets of at most ``bucket_bytes`` each.
+def sent_dtype(t: torch.Tensor, cast: torch.dtype | None) -> torch.dtype:
+    """The dtype ``t`` goes on the wire as: ``cast`` for a floating-point tensor when given
+    (e.g. fp32 master weights sent as the server's bf16), else its own."""
+    return cast if cast is not None and t.is_floating_point() else t.dtype
+
+
+def plan_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 dtype: torch.dtype | None = None) -> list[list[tuple[str, torch.Tensor]]]:
+    """Group tensors, in order, into buckets of at most ``bucket_bytes`` each, counting each
+    tensor at its size on the wire (floating-point tensors cast to ``dtype`` when given).
 
     A tensor larger than ``bucket_bytes`` gets a bucket of its own.
     """
@@ -113,7 +121,7 @@ def plan_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -
     cur: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, t in named:
-        n = t.numel() * t.element_size()
+        n = t.numel() * sent_dtype(t, dtype).itemsize
         if cur and size + n > bucket_bytes:
             buckets.append(cur)
             cur, size = [], 0
@@ -124,29 +132,53 @@ def plan_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -
     return buckets
 
 
-def spec_of(items: Sequence[tuple[str, torch.Tensor]]) -> BucketSpec:
-    """The :class:`BucketSpec` of a list of named tensors."""
-    return BucketSpec([n for n, _ in items], [t.dtype for _, t in items], [list(t.shape) for _, t in items])
+def spec_of(items: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> BucketSpec:
+    """The :class:`BucketSpec` of a list of named tensors (as sent: see :func:`sent_dtype`)."""
+    return BucketSpec([n for n, _ in items], [sent_dtype(t, dtype) for _, t in items],
+                      [list(t.shape) for _, t in items])
 
 
-def pack_bucket(items: Sequence[tuple[str, torch.Tensor]], out: torch.Tensor) -> torch.Tensor:
-    """Copy ``items``' bytes, in order, into ``out`` (a flat uint8 tensor); return the used view."""
+def needs_cast(items: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> bool:
+    """Whether sending ``items`` as ``dtype`` changes any tensor's dtype."""
+    return any(sent_dtype(t, dtype) != t.dtype for _, t in items)
+
+
+def pack_bucket(items: Sequence[tuple[str, torch.Tensor]], out: torch.Tensor,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Copy ``items``' bytes, in order, into ``out`` (a flat uint8 tensor); return the used view.
+
+    With ``dtype``, floating-point tensors are cast while copying, one tensor at a time:
+    never a cast copy of the whole model.
+    """
     off = 0
     with torch.no_grad():
         for _, t in items:
-            flat = t.detach().contiguous().view(-1).view(torch.uint8)
-            n = flat.numel()
-            out[off : off + n].copy_(flat, non_blocking=False)
+            to = sent_dtype(t, dtype)
+            n = t.numel() * to.itemsize
+            dst = out[off : off + n]
+            if to == t.dtype:
+                dst.copy_(t.detach().contiguous().view(-1).view(torch.uint8), non_blocking=False)
+            elif dst.storage_offset() % to.itemsize == 0:
+                dst.view(to).copy_(t.detach().reshape(-1))  # casts as it copies: no temporary
+            else:  # no padding on the wire: an odd offset cannot be viewed as ``to``
+                dst.copy_(t.detach().reshape(-1).to(to).view(torch.uint8))
             off += n
     return out[:off]
 
 
 def unpack_bucket(buf: torch.Tensor, spec: BucketSpec) -> list[tuple[str, torch.Tensor]]:
-    """Views of ``buf`` as the named tensors of ``spec`` (no copy)."""
+    """Views of ``buf`` as the named tensors of ``spec`` (no copy).
+
+    A tensor whose byte offset does not suit its dtype (mixed dtypes are packed without
+    padding, e.g. a bf16 tensor after a one-byte one) is copied first.
+    """
     out: list[tuple[str, torch.Tensor]] = []
     off = 0
     for name, dtype, shape, n in zip(spec.names, spec.dtypes, spec.shapes, spec.sizes):
-        out.append((name, buf[off : off + n].view(dtype).view(shape)))
+        raw = buf[off : off + n]
+        if raw.storage_offset() % dtype.itemsize:
+            raw = raw.clone()
+        out.append((name, raw.view(dtype).view(shape)))
         off += n
     return out
 
