@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from environments.base import Environment, Example, Score
+from environments.base import Environment, Episode, Example, MultiTurnEnvironment, Score, Transition
 
-_REGISTRY: dict[str, Callable[..., Environment]] = {}
+AnyEnvironment = Environment | MultiTurnEnvironment
+Factory = Callable[..., AnyEnvironment]
+
+_REGISTRY: dict[str, Factory] = {}
 
 
-def register(env_id: str) -> Callable[[Callable[..., Environment]], Callable[..., Environment]]:
+def register(env_id: str) -> Callable[[Factory], Factory]:
     """Register an environment factory under ``env_id``."""
 
-    def deco(factory: Callable[..., Environment]) -> Callable[..., Environment]:
+    def deco(factory: Factory) -> Factory:
         _REGISTRY[env_id] = factory
         return factory
 
@@ -25,14 +28,22 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_env(env_id: str, args: dict[str, Any] | None = None) -> Environment:
+def make_env(env_id: str, args: dict[str, Any] | None = None) -> AnyEnvironment:
     """Build environment ``env_id`` with ``args`` (the ``[env.args]`` table).
 
-    Raises ``KeyError`` for an unknown id and ``TypeError``/``ValueError`` for bad args.
+    Single-turn ids give an :class:`Environment`, games a :class:`MultiTurnEnvironment`.
+    An id that is not registered is imported as a module exposing ``load_environment(**args)``
+    (dashes -> underscores, the ``verifiers`` convention); a verifiers environment it returns
+    is wrapped (:mod:`environments.verifiers_env`). Raises ``KeyError`` for an unknown id (no
+    such module either), ``TypeError``/``ValueError`` for bad args or a module without
+    ``load_environment`` and ``ImportError`` (naming the pip extra) when an optional package
+    is missing.
     """
     _load_builtin()
     if env_id not in _REGISTRY:
-        raise KeyError(env_id)
+        from environments.modules import load_module_env
+
+        return load_module_env(env_id, args or {}, builtins=sorted(_REGISTRY))
     return _REGISTRY[env_id](**(args or {}))
 
 
@@ -42,6 +53,14 @@ def _load_builtin() -> None:
         from environments import colors
 
         _REGISTRY["colors"] = colors.make_colors
+    if "crafter" not in _REGISTRY:
+        # environments.crafter imports the optional `crafter` package only when an env is made.
+        from environments import crafter
+
+        _REGISTRY["crafter"] = crafter.make_crafter
 
 
-__all__ = ["Environment", "Example", "Score", "register", "available", "make_env"]
+__all__ = [
+    "AnyEnvironment", "Environment", "Episode", "Example", "MultiTurnEnvironment", "Score", "Transition",
+    "register", "available", "make_env",
+]
