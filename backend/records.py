@@ -337,11 +337,12 @@ TRAIN_S = "train_s"
 SYNC_S = "sync_s"
 STEP_S = "step_s"
 TIME = "time"  # Unix epoch seconds when the step ended
+TURNS = "episode_turns"  # multi-turn environments: model turns per episode, mean over the step's episodes
 
 METRIC_KEYS: tuple[str, ...] = (
     STEP, REWARD_MEAN, REWARD_STD, LOSS, IR, IR_MIN, IR_MAX, CLIP_FRAC, MASKED_FRAC, MISMATCH_KL, KL, ENTROPY,
     GRAD_NORM, LR, NUM_ROLLOUTS, DROPPED, LOSS_TOKENS, TRAINED_SEQUENCES, TOKENS, TOKENS_PER_S, ROLLOUT_S,
-    TRAIN_S, SYNC_S, STEP_S, TIME,
+    TRAIN_S, SYNC_S, STEP_S, TIME, TURNS,
 )
 
 
@@ -410,18 +411,96 @@ class TrainerState:
 
 @dataclass(frozen=True)
 class EvalRecord:
-    """One ``eval.jsonl`` line: greedy accuracy on the held-out split after ``step``."""
+    """One ``eval.jsonl`` line: greedy scores on the held-out split after ``step``.
+
+    ``accuracy`` is the mean reward (the name predates multi-part rewards; for the colour
+    task it is the share of right answers); ``parts`` the mean of each reward part,
+    ``achievements`` the success rate of each (for games that have them).
+    """
 
     step: int
     accuracy: float
-    n: int  # held-out prompts scored
+    n: int  # held-out prompts or episodes scored
     time: float
+    std: float | None = None
+    parts: dict[str, float] = field(default_factory=dict)
+    achievements: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, d: Any) -> "EvalRecord | None":
+        """Parse one line's object; None when it is not an eval line (no integer step or no mean)."""
+        step = line_step(d)
+        acc = d.get("accuracy") if isinstance(d, Mapping) else None
+        if step is None or isinstance(acc, bool) or not isinstance(acc, (int, float)):
+            return None
+
+        def floats(key: str) -> dict[str, float]:
+            v = d.get(key)
+            return {str(k): float(x) for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool)
+                    } if isinstance(v, Mapping) else {}
+
+        n, t, std = d.get("n"), d.get("time"), d.get("std")
+        return cls(step, float(acc), n if isinstance(n, int) and not isinstance(n, bool) else 0,
+                   float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else 0.0,
+                   float(std) if isinstance(std, (int, float)) and not isinstance(std, bool) else None,
+                   floats("parts"), floats("achievements"))
+
 
 # --------------------------------------------------------------------------- rollouts.jsonl
+
+
+def _json_safe(v: Any) -> Any:
+    """``v`` with what JSON cannot hold turned into strings (turn info comes from environments)."""
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return v
+    if isinstance(v, Mapping):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return str(v)
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """One model turn of an episode in a rollout record: what the model saw and did, and its reward."""
+
+    completion: str
+    reward: float
+    reward_parts: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. the parsed action
+    images: list[str] = field(default_factory=list)  # the images of this turn's new observation
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None  # the server's count for this turn's whole prompt
+    completion_tokens: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["info"] = _json_safe(self.info)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any) -> "TurnRecord":
+        """Parse one turn's object; ``ValueError`` naming the first wrong field."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a turn must be an object, got {type(d).__name__}")
+        reward = d.get("reward")
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+            raise ValueError(f"turn field 'reward' is {reward!r}")
+        parts = d.get("reward_parts") or {}
+        info = d.get("info") or {}
+        return cls(
+            completion=str(d.get("completion") or ""), reward=float(reward),
+            reward_parts={str(k): float(v) for k, v in parts.items() if isinstance(v, (int, float))}
+            if isinstance(parts, Mapping) else {},
+            info=dict(info) if isinstance(info, Mapping) else {},
+            images=[str(p) for p in d.get("images") or []],
+            finish_reason=d.get("finish_reason") if isinstance(d.get("finish_reason"), str) else None,
+            prompt_tokens=_int_field(d, "prompt_tokens"),
+            completion_tokens=_int_field(d, "completion_tokens") or 0,
+        )
 
 
 @dataclass(frozen=True)
@@ -441,9 +520,16 @@ class RolloutRecord:
     finish_reason: str | None = None
     weight_version: int | None = None  # the server's weights that sampled it
     images: list[str] = field(default_factory=list)  # PNG paths relative to the run directory
+    #: an episode's model turns (empty for a single-turn rollout); ``completion`` is then the
+    #: last reply and ``reward``/``reward_parts`` the episode's sums
+    turns: list[TurnRecord] = field(default_factory=list)
+    end_reason: str | None = None  # why an episode ended (done, max_turns, context, cut: ...)
+    summary: dict[str, float] = field(default_factory=dict)  # an episode's flat metrics
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["turns"] = [t.to_json() for t in self.turns]
+        return d
 
     @classmethod
     def from_json(cls, d: Any) -> "RolloutRecord":
@@ -472,6 +558,11 @@ class RolloutRecord:
             finish_reason=d.get("finish_reason") if isinstance(d.get("finish_reason"), str) else None,
             weight_version=version if isinstance(version, int) and not isinstance(version, bool) else None,
             images=[str(p) for p in d.get("images") or []],
+            turns=[TurnRecord.from_json(t) for t in d.get("turns") or []],
+            end_reason=d.get("end_reason") if isinstance(d.get("end_reason"), str) else None,
+            summary={str(k): float(v) for k, v in (d.get("summary") or {}).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if isinstance(d.get("summary"), Mapping) else {},
         )
 
 

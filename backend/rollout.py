@@ -29,9 +29,9 @@ from PIL import Image
 from backend import contract
 from backend.errors import VlmrlError
 from backend.net import error_message, probe_http
-from backend.rollout_types import Rollout
+from backend.rollout_types import Rollout, Turn
 from backend.sampling import logit_bias_for
-from environments.base import Environment, Example
+from environments.base import Environment, Example, MultiTurnEnvironment
 
 log = logging.getLogger("vlmrl.rollout")
 
@@ -118,6 +118,22 @@ def parse_choice(choice: dict[str, Any]) -> tuple[list[int], list[float], str, s
         raise RolloutError(f"server answered {len(ids)} token ids but {len(logprobs)} logprobs")
     text = (choice.get("message") or {}).get("content") or ""
     return ids, logprobs, text, str(choice.get("finish_reason") or "stop")
+
+
+def next_prompt_estimate(prompt_tokens: int, completion_tokens: int, previous_prompt_tokens: int | None) -> int:
+    """Tokens the next turn's prompt will take, from this turn's: the conversation so far plus
+    one more observation, as big as the last one was (the first prompt, system message
+    included, stands in for it on the first turn: an over-estimate, on the safe side)."""
+    if previous_prompt_tokens is None:
+        observation = prompt_tokens
+    else:
+        observation = max(prompt_tokens - previous_prompt_tokens, 0)
+    return prompt_tokens + completion_tokens + observation
+
+
+def episode_example_id(env_id: str, seed: int) -> str:
+    """The example id of the episodes of ``seed`` (also the stem of their image files)."""
+    return f"{env_id or 'episode'}-{seed}"
 
 
 def request_seed(seed: int | None, step: int, example_id: str) -> int | None:
@@ -293,6 +309,117 @@ class RolloutClient:
                 weight_version=version,
             ))
         return out
+
+    async def _episode(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, env: MultiTurnEnvironment,
+                       seed: int, group: int, index: int, params: dict[str, Any], step: int,
+                       max_context: int | None) -> Rollout:
+        """Play one episode of ``seed``: one chat request per turn, the whole conversation each time."""
+        example_id = episode_example_id(env.id, seed)
+        episode = await asyncio.to_thread(env.reset, seed)  # world generation can take a second
+        wire: list[dict[str, Any]] = []
+        local: list[dict[str, Any]] = []
+        images: list[Image.Image] = []
+        turns: list[Turn] = []
+        version: int | None = None
+        end_reason = "done"
+        previous: int | None = None
+        while True:
+            # only the messages added since the last turn are encoded (each image once)
+            w, loc, imgs = await asyncio.to_thread(to_openai_messages, episode.messages[len(local):])
+            wire += w
+            local += loc
+            images += imgs
+            body = {"model": await self._model_name(client), "messages": wire, "n": 1, "logprobs": True,
+                    "return_token_ids": True, "logit_bias": self.logit_bias, **params}
+            what = f"episode {example_id} #{index} turn {len(turns) + 1}"
+            async with sem:
+                data = await self._request(client, "POST", contract.ROUTE_CHAT, body, what=what)
+            choices = data.get("choices")
+            if not isinstance(choices, list) or len(choices) != 1:
+                raise RolloutError(f"{what}: asked for 1 completion, server answered "
+                                   f"{len(choices) if isinstance(choices, list) else 0}")
+            try:
+                ids, lps, text, finish = parse_choice(choices[0])
+            except RolloutError as e:
+                raise RolloutError(f"{what}: {e}") from None
+            v = data.get("weight_version")
+            if isinstance(v, int) and not isinstance(v, bool):
+                version = v if version is None else min(version, v)  # the oldest weights that played
+                self.last_weight_version = v
+            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+            pt = usage.get("prompt_tokens")
+            prompt_tokens = pt if isinstance(pt, int) and not isinstance(pt, bool) else None
+            prompt_end = len(local)
+            tr = await asyncio.to_thread(env.step, episode, text)
+            turns.append(Turn(prompt_end=prompt_end, completion=text, completion_ids=ids, behavior_logprobs=lps,
+                              finish_reason=finish, reward=float(tr.score.reward),
+                              reward_parts=dict(tr.score.parts), info=dict(tr.info), prompt_tokens=prompt_tokens))
+            if episode.done:
+                end_reason = "max_turns" if episode.turn >= env.max_turns else "done"
+                break
+            if max_context is not None and prompt_tokens is not None:
+                need = next_prompt_estimate(prompt_tokens, len(ids), previous) + int(params.get("max_tokens") or 0)
+                if need > max_context:
+                    end_reason = "context"
+                    final = await asyncio.to_thread(env.truncated, episode)
+                    if final is not None:  # scored as it stands (e.g. a rubric that scores at the end)
+                        last = turns[-1]
+                        last.reward += float(final.reward)
+                        for k, v in final.parts.items():
+                            last.reward_parts[k] = last.reward_parts.get(k, 0.0) + float(v)
+                    log.info("%s: episode ended early: next prompt (~%d tokens with the reply) would exceed "
+                             "max_model_len %d", what, need, max_context)
+                    break
+            previous = prompt_tokens
+        w, loc, imgs = await asyncio.to_thread(to_openai_messages, episode.messages[len(local):])
+        local += loc
+        images += imgs
+        return Rollout.from_turns(
+            turns, example_id=example_id, group=group, messages=local, images=images, answer=None, step=step,
+            index=index, weight_version=version, end_reason=end_reason, summary=dict(env.summary(episode)),
+        )
+
+    async def _gather_episodes(self, client: httpx.AsyncClient, env: MultiTurnEnvironment, seeds: Sequence[int],
+                               n: int, *, temperature: float, top_p: float, max_tokens: int, step: int,
+                               max_context: int | None) -> list[Rollout]:
+        params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+        sem = asyncio.Semaphore(self.max_concurrent)  # requests in flight
+        playing = asyncio.Semaphore(self.max_concurrent)  # episodes in flight (each holds a game)
+        await self._model_name(client)
+
+        async def one(g: int, j: int, seed: int) -> Rollout:
+            async with playing:
+                return await self._episode(client, sem, env, seed, g, g * n + j, params, step, max_context)
+
+        tasks = [asyncio.create_task(one(g, j, s)) for g, s in enumerate(seeds) for j in range(n)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def collect_episodes(self, env: MultiTurnEnvironment, seeds: Sequence[int], n: int, *,
+                         temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 64, step: int = 0,
+                         max_context: int | None = None) -> list[Rollout]:
+        """``n`` episodes per seed (a group per seed, in seed order), played concurrently.
+
+        An episode ends when the game ends, after ``env.max_turns`` replies, or when its
+        next prompt would not fit ``max_context`` tokens (``Rollout.end_reason``).
+        """
+
+        async def run() -> list[Rollout]:
+            return await self._gather_episodes(await self._shared_client(), env, seeds, n, temperature=temperature,
+                                               top_p=top_p, max_tokens=max_tokens, step=step,
+                                               max_context=max_context)
+
+        fut = asyncio.run_coroutine_threadsafe(run(), self._background_loop())
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
 
     async def acollect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
                        top_p: float = 1.0, max_tokens: int = 64, step: int = 0, seed: int | None = None) -> list[Rollout]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Any, Sequence
 
-from backend.records import RolloutRecord
+from backend.records import RolloutRecord, TurnRecord
 from backend.rollout_types import Rollout
 from backend.rundir import JsonlWriter, RunDirectory
 
@@ -31,6 +31,27 @@ def prompt_text(messages: list[dict[str, Any]]) -> str:
                 elif p.get("type") == "image":
                     parts.append("<image>")
     return " ".join(parts)
+
+
+def image_counts(messages: list[dict[str, Any]]) -> list[int]:
+    """How many images each message holds."""
+    return [sum(1 for p in m["content"] if p.get("type") == "image") if isinstance(m.get("content"), list) else 0
+            for m in messages]
+
+
+def turn_records(r: Rollout, image_names: list[str]) -> list[TurnRecord]:
+    """The turn records of episode ``r`` whose images were saved as ``image_names`` (in order)."""
+    counts = image_counts(r.messages)
+    out: list[TurnRecord] = []
+    prev = 0
+    for t in r.turns:
+        first = sum(counts[:prev])
+        out.append(TurnRecord(
+            completion=t.completion, reward=t.reward, reward_parts=dict(t.reward_parts), info=dict(t.info),
+            images=image_names[first : first + sum(counts[prev : t.prompt_end])], finish_reason=t.finish_reason,
+            prompt_tokens=t.prompt_tokens, completion_tokens=len(t.completion_ids)))
+        prev = t.prompt_end
+    return out
 
 
 def _answer(value: Any) -> str | int | float | bool | None:
@@ -71,19 +92,22 @@ class RolloutWriter:
         rel = img_dir.relative_to(self.run_dir.path)
         saved: dict[tuple[str, int], list[str]] = {}
         for r in rollouts:
-            key = (r.example_id, r.group)
+            # an episode's frames are its own; a group's single-turn rollouts share their prompt's
+            key = (r.example_id, r.group) if not r.is_episode else (r.example_id, -1 - r.index)
             if key not in saved:
                 names: list[str] = []
+                stem = r.example_id if not r.is_episode else f"{r.example_id}-e{r.index}"
                 for k, img in enumerate(r.images):
                     img_dir.mkdir(parents=True, exist_ok=True)
-                    name = f"{r.example_id}-{k}.png"
+                    name = f"{stem}-{k}.png"
                     img.save(img_dir / name)
                     names.append(f"{rel.as_posix()}/{name}")  # relative to the run dir
                 saved[key] = names
             record = RolloutRecord(
-                step=step, index=r.index, group=r.group, example_id=r.example_id, prompt=prompt_text(r.messages),
+                step=step, index=r.index, group=r.group, example_id=r.example_id, prompt=prompt_text(r.messages[: r.turns[0].prompt_end] if r.turns else r.messages),
                 completion=r.completion, reward=r.reward, reward_parts=dict(r.reward_parts), advantage=r.advantage,
                 answer=_answer(r.answer), finish_reason=r.finish_reason, weight_version=r.weight_version,
-                images=saved[key],
+                images=saved[key], turns=turn_records(r, saved[key]), end_reason=r.end_reason,
+                summary=dict(r.summary),
             )
             self._lines.write(record.to_json())

@@ -35,33 +35,25 @@ from backend.adapters.base import DroppedRollout, MultimodalAdapter, MultimodalB
 from backend.config import MultimodalRLConfig
 from backend.errors import VlmrlError
 from backend.logprobs import token_logprobs
+from backend.lora import dropout_modules, is_lora, merged_weights, prepare_model
+from backend.models import enable_gradient_checkpointing, layers_training
 from backend.loss import LossStats, group_advantages, grpo_loss
 from backend.optim import make_optimizer
-from backend.rollout_types import Rollout
+from backend.precision import Precision, precision_of
+from backend.rollout_types import Rollout, RolloutSource
 from backend.rollout_writer import RolloutWriter
 from backend.rundir import JsonlWriter, RunDirectory, checkpoint_complete
 from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
-from environments.base import Environment, Example
-
-
-class RolloutSource(Protocol):
-    """Where rollouts come from: ``backend.rollout.RolloutClient`` or an in-process sampler."""
-
-    #: True when it samples with the trainer's own model: the trainer then never asks for
-    #: the next step's rollouts while it trains (they would come from half-updated weights).
-    shares_model: bool
-
-    def collect(
-        self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float, top_p: float,
-        max_tokens: int, step: int, seed: int | None = None,
-    ) -> list[Rollout]: ...
+from environments.base import Environment, MultiTurnEnvironment
 
 
 class WeightSink(Protocol):
     """Where weights go after an update: ``backend.weight_sync.WeightSyncClient``."""
 
-    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> Any:
-        """Push the weights as ``version``; raise :class:`VlmrlError` when it fails."""
+    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+             dtype: torch.dtype | None = None) -> Any:
+        """Push the weights as ``version`` (floating tensors cast to ``dtype`` when given, bucket
+        by bucket); raise :class:`VlmrlError` when it fails."""
 
     def reconnect(self, timeout_s: float | None = None) -> Any:
         """Join the server again after it restarted or the sync broke (it then holds its
@@ -91,6 +83,13 @@ class MultimodalGRPOTrainer:
     With a ``weight_sync``, the model's parameters are first moved into one flat buffer
     (values and training unchanged) so buckets go on the wire without a packing copy; that
     has to happen before the optimizer holds the parameters, which is why it is done here.
+
+    Precision follows ``config.dtype`` and ``config.low_precision_update``
+    (:mod:`backend.precision`): a model loaded in another dtype than the scheme stores its
+    weights in is converted here (e.g. to float32 master weights for bfloat16 autocast).
+    ``config.gradient_checkpointing`` recomputes each layer's activations in the backward.
+    ``config.lora`` wraps the model in peft adapters and ``config.freeze_vision`` freezes the
+    vision tower (:mod:`backend.lora`); ``self.model`` is then the peft model.
     """
 
     def __init__(
@@ -100,7 +99,7 @@ class MultimodalGRPOTrainer:
         adapter: MultimodalAdapter,
         config: MultimodalRLConfig,
         *,
-        env: Environment | None = None,
+        env: Environment | MultiTurnEnvironment | None = None,
         rollout_source: RolloutSource | None = None,
         weight_sync: WeightSink | None = None,
         run_dir: str | Path | None = None,
@@ -117,6 +116,20 @@ class MultimodalGRPOTrainer:
         self.run_dir = RunDirectory(run_dir) if run_dir is not None else None
         self.log = log or (lambda s: print(s, flush=True))
         self.device = next(model.parameters()).device
+        self.precision: Precision = precision_of(config.dtype, config.low_precision_update)
+        # LoRA under autocast: the frozen base needs no float32 master copy, only the adapters do
+        keep = self.precision.compute_dtype if config.lora is not None else self.precision.param_dtype
+        stored = next(model.parameters()).dtype
+        if stored != keep:
+            self.log(f"trainer: converting the model from {stored} to {keep} ({self.precision.describe()})")
+            model.to(keep)
+        if config.lora is not None or config.freeze_vision:
+            model = self.model = prepare_model(model, config.lora, config.freeze_vision,
+                                               fp32_adapters=not self.precision.stochastic_rounding)
+        self._ckpt_layers: list[torch.nn.Module] = []
+        if config.gradient_checkpointing:
+            self._ckpt_layers = enable_gradient_checkpointing(model)
+        self._ckpt_layers += dropout_modules(model)  # also in training mode for the loss's forward only
         tok = getattr(processor, "tokenizer", processor)
         self.banned_ids = list(banned_ids) if banned_ids is not None else banned_token_ids(tok)
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -135,10 +148,12 @@ class MultimodalGRPOTrainer:
             self.ref_model.eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
-        if weight_sync is not None:
+        if weight_sync is not None and not is_lora(model):  # LoRA sends fresh merged tensors: nothing to flatten
             self._flatten_parameters()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = make_optimizer(self.params, config)
+        self.optimizer, self.scheduler = make_optimizer(self.params, config, self.precision)
+        # float16 autocast only: scale the loss so small gradients do not flush to zero
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.loss_scaling else None
         self.step = 0  # optimizer steps done
         self.history: list[dict[str, Any]] = []
         self.identity: dict[str, Any] | None = None  # saved in each checkpoint: what --resume compares
@@ -159,12 +174,14 @@ class MultimodalGRPOTrainer:
         if why_not:
             self.log(f"trainer: parameters not flattened ({why_not}); weight sync packs buckets")
 
-    def set_environment(self, env: Environment | str, args: dict[str, Any] | None = None) -> None:
-        """Train on ``env`` (an Environment or a registry id with ``args``)."""
+    def set_environment(self, env: Environment | MultiTurnEnvironment | str,
+                        args: dict[str, Any] | None = None) -> None:
+        """Train on ``env`` (an environment, or a registry id or module name with ``args``:
+        :func:`backend.envs.build_env`)."""
         if isinstance(env, str):
-            from environments import make_env
+            from backend.envs import build_env
 
-            env = make_env(env, args)
+            env = build_env(env, args)
         self.env = env
 
     # --- one step ---------------------------------------------------------------------------
@@ -212,12 +229,13 @@ class MultimodalGRPOTrainer:
         seq_tokens = 0
         self.optimizer.zero_grad(set_to_none=True)
         for mb in batches:
-            logprobs, entropy = token_logprobs(
-                self.model, self.adapter, mb, temperature=cfg.temperature, bias=self.bias, with_entropy=True
-            )
+            with self.precision.forward_context(self.device), layers_training(self._ckpt_layers):
+                logprobs, entropy = token_logprobs(
+                    self.model, self.adapter, mb, temperature=cfg.temperature, bias=self.bias, with_entropy=True
+                )
             ref_lp = None
             if self.ref_model is not None:
-                with torch.no_grad():
+                with torch.no_grad(), self.precision.forward_context(self.device):
                     ref_lp, _ = token_logprobs(
                         self.ref_model, self.adapter, mb, temperature=cfg.temperature, bias=self.bias
                     )
@@ -227,7 +245,7 @@ class MultimodalGRPOTrainer:
                 mask_ratio_low=cfg.mask_ratio_low, mask_ratio_high=cfg.mask_ratio_high,
                 ref_logprobs=ref_lp, beta=cfg.beta, agg=cfg.loss_agg, denominator=denom, entropy=entropy,
             )
-            out.loss.backward()
+            (self.scaler.scale(out.loss) if self.scaler is not None else out.loss).backward()
             loss_sum += float(out.loss.detach())
             stats.merge(out.stats)
             seq_tokens += mb.num_tokens
@@ -236,9 +254,14 @@ class MultimodalGRPOTrainer:
             for p in self.params:  # what a batch of zero advantages gives: AdamW still steps
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+        if has_data and self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)) if has_data else 0.0
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        if has_data and math.isfinite(grad_norm):
+        if has_data and self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update when the scale overflowed, then lowers it
+            self.scaler.update()
+        elif has_data and math.isfinite(grad_norm):
             self.optimizer.step()
         elif has_data:
             self.log(f"step {self.step + 1}: non-finite grad norm, update skipped")
@@ -246,6 +269,8 @@ class MultimodalGRPOTrainer:
         self.scheduler.step()
         self.step += 1
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+        episodes = [len(r.turns) for r in rollouts if r.is_episode]
+        extra = {rec.TURNS: sum(episodes) / len(episodes)} if episodes else {}
         return {
             rec.LOSS: loss_sum,
             rec.REWARD_MEAN: float(rewards.mean()) if len(rewards) else float("nan"),
@@ -258,6 +283,7 @@ class MultimodalGRPOTrainer:
             rec.LOSS_TOKENS: int(denom_tokens),
             rec.TRAINED_SEQUENCES: int(stats.sequences),
             rec.TOKENS: seq_tokens,
+            **extra,
         }
 
     def sync_weights(self) -> float:
@@ -275,7 +301,10 @@ class MultimodalGRPOTrainer:
         """Send the current weights as version ``step``; the server then holds them."""
         assert self.weight_sync is not None
         with torch.no_grad():
-            self.weight_sync.sync(self.named_weights(), version=self.step)
+            if self.precision.autocast:  # master weights are wider than what the server computes in
+                self.weight_sync.sync(self.named_weights(), version=self.step, dtype=self.precision.compute_dtype)
+            else:
+                self.weight_sync.sync(self.named_weights(), version=self.step)
         self.server_version = self.step
 
     def _rejoin(self, why: str) -> None:
@@ -313,7 +342,9 @@ class MultimodalGRPOTrainer:
         return rollouts
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The weights the server needs, by their Hugging Face names."""
+        """The weights the server needs, by their Hugging Face names (with LoRA: the merged adapted ones)."""
+        if is_lora(self.model):
+            return list(merged_weights(self.model, self.precision.compute_dtype))
         return [(n, p.detach()) for n, p in self.model.named_parameters()]
 
     # --- the loop ---------------------------------------------------------------------------
@@ -385,6 +416,13 @@ class MultimodalGRPOTrainer:
         """The scored rollouts of ``step`` from the rollout source."""
         cfg = self.config
         assert self.env is not None
+        if isinstance(self.env, MultiTurnEnvironment):
+            # a group is rollouts_per_step episodes of one seed
+            return self.rollout_source.collect_episodes(
+                self.env, self.env.train_seeds(step, cfg.prompts_per_step), cfg.rollouts_per_step,
+                temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, step=step,
+                max_context=getattr(self.adapter, "max_length", None),
+            )
         examples = self.env.train_examples(step, cfg.prompts_per_step)
         # No per-request seed: the hf engine batches unseeded requests together (a seeded
         # one runs alone), so sampling uses the server's own generator.
@@ -398,14 +436,22 @@ class MultimodalGRPOTrainer:
         return rec.step_line(m, self.config.max_steps, missing="-")
 
     def _evaluate(self, step: int) -> None:
-        from backend.evaluate import greedy_accuracy
+        """Greedy scores on the held-out split through the rollout source (the server, which
+        holds this step's weights when ``eval_every`` is a multiple of ``sync_to_vllm_every``)."""
+        from backend.evaluate import score_split
 
-        res = greedy_accuracy(self.model, self.processor, self.env, self.config.eval_size,  # type: ignore[arg-type]
-                              max_tokens=self.config.max_tokens, banned_ids=self.banned_ids)
-        self.log(f"eval step {step}: accuracy {res['accuracy']:.3f} on {res['n']} held-out prompts")
+        assert self.env is not None
+        cfg = self.config
+        res = score_split(self.rollout_source, self.env, count=cfg.eval_size, max_tokens=cfg.max_tokens, step=step,
+                          max_context=getattr(self.adapter, "max_length", None), name=f"step {step}")
+        parts = " ".join(f"{k}={v:.3f}" for k, v in res.parts.items())
+        self.log(f"eval step {step}: mean reward {res.mean:.3f} (std {res.std:.3f}) on {res.n} held-out "
+                 f"{'episodes' if isinstance(self.env, MultiTurnEnvironment) else 'prompts'}"
+                 + (f" [{parts}]" if parts else ""))
         if self.run_dir is not None:
             with JsonlWriter(self.run_dir.eval) as w:
-                w.write(rec.EvalRecord(step, res["accuracy"], res["n"], time.time()).to_json())
+                w.write(rec.EvalRecord(step, res.mean, res.n, time.time(), res.std, res.parts,
+                                       res.achievements).to_json())
 
     # --- checkpoints ------------------------------------------------------------------------
 

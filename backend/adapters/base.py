@@ -10,13 +10,26 @@ so the trainer never re-tokenises what the policy sampled::
     behavior_lp [ 0 ...                     0  | server logprobs        | 0   ]
 
 ``behavior_logprobs[b, t]`` is the logprob of ``input_ids[b, t]`` given the tokens before
-it. A rollout that cannot be trained on (empty completion, prompt + completion longer than
+it.
+
+An episode of a multi-turn environment (``Rollout.turns``) is one sequence: the first
+prompt, then each model turn's server ids where they were generated, each followed by what
+the chat template adds before the next turn (the end of the reply, the next observation
+with its images, the next assistant header), tokenised by the processor::
+
+    input_ids   [ prompt 1 | turn 1 ids | obs 2 (+ image tokens) | turn 2 ids | ... | pad ]
+    loss_mask   [ 0 ...  0 | 1 ...    1 | 0 ...                0 | 1 ...    1 | ... | 0   ]
+
+An episode longer than ``max_length`` is cut after the last model turn that fits (so
+never through an observation's image tokens), with the reason logged; so is one whose
+chat template rewrites earlier turns (the sequence would no longer be what was sampled). A rollout that cannot be trained on (empty completion, prompt + completion longer than
 ``max_length``, image tokens that do not match the images) is dropped with a logged reason
 naming its example id: sequences are never truncated, so never cut through image tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -127,6 +140,17 @@ class PromptEncoding:
     token_kwargs: dict[str, torch.Tensor]  # per-token extras, each (P,), e.g. mm_token_type_ids
     image_kwargs: dict[str, torch.Tensor]  # per-image extras, concatenated along dim 0 across the batch
     num_images: int = 0
+    #: an episode's encoding: ``input_ids`` is the whole sequence, model turns included, and
+    #: these ``[start, end)`` spans are where the turns' ids sit (in turn order)
+    spans: list[tuple[int, int]] | None = None
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.numel())
+
+
+class TemplateMismatch(ValueError):
+    """The chat template renders a longer conversation as more than an extension of the shorter one."""
 
 
 class ProcessorAdapter(MultimodalAdapter):
@@ -163,18 +187,121 @@ class ProcessorAdapter(MultimodalAdapter):
         """The prompt as text through the chat template, ending with the assistant header."""
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def check_prompt_text(self, text: str, n_images: int) -> None:
+        """Raise ``ValueError`` when the templated prompt cannot hold ``n_images`` images (the
+        rollout is then dropped with that reason). Families whose processor does not check it
+        themselves override this."""
+
     def encode_prompt(self, messages: list[dict[str, Any]], images: list[Any]) -> PromptEncoding:
         """Tokenise one prompt with its images (vision tokens expanded by the processor)."""
-        text = self.prompt_text(messages)
+        return self.encode_text(self.prompt_text(messages), images)
+
+    def encode_text(self, text: str, images: list[Any], *, first: bool = True) -> PromptEncoding:
+        """Tokenise templated ``text`` holding ``images`` (``first``: it starts the sequence, so
+        the tokenizer's own start tokens, if any, belong in it)."""
+        self.check_prompt_text(text, len(images))
+        extra: dict[str, Any] = {} if first else {"add_special_tokens": False}
         if images:
-            enc = self.processor(text=[text], images=[list(images)], return_tensors="pt")
+            enc = self.processor(text=[text], images=[list(images)], return_tensors="pt", **extra)
         else:
-            enc = self.processor(text=[text], return_tensors="pt")
+            enc = self.processor(text=[text], return_tensors="pt", **extra)
         ids = enc["input_ids"][0].long()  # (P,)
         token_kwargs = {k: enc[k][0] for k in self.token_keys if k in enc}
         skip = {"input_ids", "attention_mask", *self.token_keys}
         image_kwargs = {k: v for k, v in enc.items() if k not in skip and isinstance(v, torch.Tensor)}
         return PromptEncoding(ids, token_kwargs, image_kwargs, num_images=len(images))
+
+    def episode_pieces(self, r: Rollout) -> list[tuple[str, list[Any]]]:
+        """The templated text (and its images) before each model turn of episode ``r``.
+
+        Piece 0 is the first prompt; piece k > 0 is what the template puts between turn k-1's
+        reply and turn k's: found by rendering turn k's prompt and taking what follows turn
+        k-1's prompt and reply (minus the end-of-turn token the server's ids already end with).
+        Raises :class:`TemplateMismatch` at the first turn where that prefix does not hold,
+        with ``args[1]`` = the number of turns that can be kept.
+        """
+        from backend.sampling import end_of_turn_ids
+
+        counts = [sum(1 for p in (m.get("content") if isinstance(m.get("content"), list) else [])
+                      if p.get("type") == "image") for m in r.messages]
+        end_ids = end_of_turn_ids(self.tokenizer)
+        pieces: list[tuple[str, list[Any]]] = []
+        prev_text = ""
+        prev_end = 0
+        used = 0
+        for k, turn in enumerate(r.turns):
+            text = self.prompt_text(r.messages[: turn.prompt_end])
+            n_img = sum(counts[prev_end : turn.prompt_end])
+            if k == 0:
+                piece = text
+            else:
+                last = r.turns[k - 1]
+                head = prev_text + last.completion
+                if not text.startswith(head):
+                    raise TemplateMismatch(f"the chat template renders turn {k + 1}'s prompt as more than turn "
+                                           f"{k}'s prompt and reply", k)
+                piece = text[len(head):]
+                if last.completion_ids and last.completion_ids[-1] in end_ids:
+                    end_text = self.tokenizer.convert_ids_to_tokens(last.completion_ids[-1])
+                    if isinstance(end_text, str) and piece.startswith(end_text):
+                        piece = piece[len(end_text):]
+            pieces.append((piece, list(r.images[used : used + n_img])))
+            used += n_img
+            prev_text, prev_end = text, turn.prompt_end
+        return pieces
+
+    def encode_episode(self, r: Rollout) -> tuple[Rollout, PromptEncoding]:
+        """Episode ``r`` as one sequence (see the module docstring), cut after the last turn
+        that fits ``max_length``: returns the (possibly cut) rollout and its encoding.
+        Raises ``ValueError`` when not even the first turn fits."""
+        keep = len(r.turns)
+        why = ""
+        try:
+            pieces = self.episode_pieces(r)
+        except TemplateMismatch as e:
+            keep = int(e.args[1])
+            why = str(e.args[0])
+            pieces = self.episode_pieces(dataclasses.replace(r, turns=r.turns[:keep]))
+        ids: list[torch.Tensor] = []
+        token_parts: dict[str, list[torch.Tensor]] = {}
+        image_parts: dict[str, list[torch.Tensor]] = {}
+        spans: list[tuple[int, int]] = []
+        n_images = 0
+        pos = 0
+        for k, (text, imgs) in enumerate(pieces):
+            enc = self.encode_text(text, imgs, first=k == 0)
+            bad = self.check_images(enc, len(imgs))
+            if bad:
+                raise ValueError(f"turn {k + 1}: {bad}")
+            turn_ids = torch.tensor(r.turns[k].completion_ids, dtype=torch.long)
+            end = pos + enc.length + turn_ids.numel()
+            if self.max_length is not None and end > self.max_length:
+                if k == 0:
+                    raise ValueError(f"overlong: the first turn alone takes {end} tokens > max_length "
+                                     f"{self.max_length}")
+                keep = k
+                why = f"{end} tokens through turn {k + 1} > max_length {self.max_length}"
+                break
+            ids += [enc.input_ids, turn_ids]
+            for key, v in enc.token_kwargs.items():
+                token_parts.setdefault(key, []).extend([v, torch.zeros(turn_ids.numel(), dtype=v.dtype)])
+            for key, v in enc.image_kwargs.items():
+                image_parts.setdefault(key, []).append(v)
+            n_images += len(imgs)
+            spans.append((pos + enc.length, end))
+            pos = end
+        if keep < len(r.turns):
+            log.warning("episode %s (#%d) cut after turn %d of %d: %s", r.example_id, r.index, keep,
+                        len(r.turns), why)
+            turns = r.turns[:keep]
+            r = dataclasses.replace(
+                r, turns=turns, completion_ids=[i for t in turns for i in t.completion_ids],
+                behavior_logprobs=[x for t in turns for x in t.behavior_logprobs],
+                end_reason=f"cut: {why}")
+        enc = PromptEncoding(
+            torch.cat(ids), {k: torch.cat(v) for k, v in token_parts.items()},
+            {k: torch.cat(v, dim=0) for k, v in image_parts.items()}, num_images=n_images, spans=spans)
+        return r, enc
 
     def _encode_all(
         self, rollouts: Sequence[Rollout]
@@ -195,6 +322,21 @@ class ProcessorAdapter(MultimodalAdapter):
         for r in rollouts:
             if not r.completion_ids:
                 drop(r, "empty completion")
+                continue
+            if r.is_episode:
+                # an episode is its own prompt; validate() and build_batch() encode it once
+                key = ("episode", r.step, r.index, id(r.messages), id(r.turns))
+                if key not in cache:
+                    try:
+                        cache[key] = (r, self.encode_episode(r))
+                    except (ValueError, TypeError, RuntimeError) as e:
+                        cache[key] = (r, f"episode could not be encoded: {e}")
+                got = cache[key][1]
+                if isinstance(got, str):
+                    drop(r, got)
+                else:
+                    kept.append(got)
+                    cache[("episode", r.step, r.index, id(got[0].messages), id(got[0].turns))] = (got[0], got)
                 continue
             # id()s of the (pinned) messages and image objects: the same prompt, not just the same
             # name (the images' list may be a fresh one per rollout, its images are shared)
@@ -239,7 +381,7 @@ class ProcessorAdapter(MultimodalAdapter):
         rewards = torch.tensor([r.reward for r, _ in kept], dtype=torch.float32)  # (B,)
         advantages = torch.tensor([float(r.advantage) for r, _ in kept], dtype=torch.float32)  # type: ignore[arg-type]
         B = len(kept)
-        L = max((e.input_ids.numel() + len(r.completion_ids) for r, e in kept), default=0)
+        L = max((e.length if e.spans is not None else e.length + len(r.completion_ids) for r, e in kept), default=0)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((B, L), dtype=torch.long)
         loss_mask = torch.zeros((B, L), dtype=torch.float32)
@@ -255,6 +397,22 @@ class ProcessorAdapter(MultimodalAdapter):
                 first_image[id(e)] = n_distinct
                 n_distinct += e.num_images
             image_index.extend(range(first_image[id(e)], first_image[id(e)] + e.num_images))
+            for k, v in e.image_kwargs.items():
+                image_parts.setdefault(k, []).append(v)
+            if e.spans is not None:  # an episode: the model turns are already in its ids
+                n = e.length
+                input_ids[b, :n] = e.input_ids
+                attention_mask[b, :n] = 1
+                lps = iter(r.behavior_logprobs)
+                for s0, s1 in e.spans:
+                    loss_mask[b, s0:s1] = 1.0
+                    behavior[b, s0:s1] = torch.tensor([next(lps) for _ in range(s1 - s0)], dtype=torch.float32)
+                prompt_lengths[b] = e.spans[0][0]
+                for k, v in e.token_kwargs.items():
+                    if k not in token_extra:
+                        token_extra[k] = torch.zeros((B, L), dtype=v.dtype)
+                    token_extra[k][b, :n] = v
+                continue
             P, C = e.input_ids.numel(), len(r.completion_ids)
             input_ids[b, :P] = e.input_ids
             input_ids[b, P : P + C] = torch.tensor(r.completion_ids, dtype=torch.long)
@@ -266,8 +424,6 @@ class ProcessorAdapter(MultimodalAdapter):
                 if k not in token_extra:
                     token_extra[k] = torch.zeros((B, L), dtype=v.dtype)  # completion/pad: text (0)
                 token_extra[k][b, :P] = v
-            for k, v in e.image_kwargs.items():
-                image_parts.setdefault(k, []).append(v)
         image_extra = {k: torch.cat(v, dim=0) for k, v in image_parts.items()}
         pixel_values = image_extra.pop("pixel_values", None)
         return MultimodalBatch(
