@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from backend.adapters import MultimodalAdapter, MultimodalBatch, adapter_for
-from backend.config import MultimodalRLConfig, validate_config
+from backend.config import validate_config
 from backend.errors import ConfigError
 from backend.evaluate import InProcessRolloutSource
 from backend.rollout_types import Rollout
@@ -21,6 +21,7 @@ from backend.checkpoint import read_trainer_state
 from backend.records import TrainerState
 from backend.trainer import MultimodalGRPOTrainer
 from environments import make_env
+from tests.tinytrainer import load_tiny, tiny_cfg, tiny_trainer
 
 METRIC_KEYS = {
     "step", "reward_mean", "reward_std", "loss", "ir", "ir_min", "ir_max", "entropy", "kl", "mismatch_kl",
@@ -29,25 +30,9 @@ METRIC_KEYS = {
 }
 
 
-def _load(path: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    return model.eval(), AutoProcessor.from_pretrained(path)
-
-
-def _cfg(**kw: Any) -> MultimodalRLConfig:
-    base = dict(learning_rate=3e-4, max_steps=3, batch_size=8, micro_batch_size=8, rollouts_per_step=4,
-                max_tokens=4, temperature=1.0, seed=0)
-    base.update(kw)
-    return MultimodalRLConfig(**base)
-
-
-def _trainer(path: Path, cfg: MultimodalRLConfig, **kw: Any) -> MultimodalGRPOTrainer:
-    model, processor = _load(path)
-    adapter = adapter_for(model.config, processor=processor, max_length=1024)
-    return MultimodalGRPOTrainer(model, processor, adapter, cfg, env=make_env("colors", {}), log=lambda s: None,
-                                 **kw)
+_load = load_tiny
+_cfg = tiny_cfg
+_trainer = tiny_trainer
 
 
 class RecordingSync:
@@ -298,37 +283,18 @@ def test_resume_accepts_more_steps_but_not_another_learning_rate() -> None:
         check_resumable(saved, _vcfg(learning_rate=1e-3), Path("ckpt"))
 
 
-def test_eval_prints_held_out_greedy_accuracy(tiny_model_dir: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from backend.errors import ModelError
-    from backend.evaluate import eval_main
+def test_eval_every_scores_the_held_out_split_and_appends_eval_lines(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from backend.records import EvalRecord
 
-    cfg = validate_config({"model": str(tiny_model_dir), "env": {"id": "colors"},
-                           "trainer": {"args": {"max_tokens": 4, "torch_threads": 1}}})
-    assert eval_main(cfg, checkpoint=None, n=8) == 0
-    out = capsys.readouterr().out
-    last = json.loads(out.strip().splitlines()[-1])
-    assert last["n"] == 8 and 0.0 <= last["accuracy"] <= 1.0
-    assert "accuracy" in out and "held-out" in out
-    with pytest.raises(ModelError, match="no config.json"):
-        eval_main(cfg, checkpoint=tmp_path, n=8)
+    tr = _trainer(tiny_model_dir, _cfg(max_steps=2, eval_every=1, eval_size=6, save_every=0), run_dir=tmp_path)
+    tr.train()
+    lines = [EvalRecord.from_json(d) for d in read_jsonl(tmp_path / "eval.jsonl")]
+    assert [e.step for e in lines if e] == [1, 2]
+    for e in lines:
+        assert e is not None and e.n == 6 and 0.0 <= e.accuracy <= 1.0 and e.std is not None
+        assert set(e.parts) == {"correct", "is_color"}
 
 
-class ReplaySource:
-    """A remote-like source (it does not share the trainer's model): replays prepared rollouts."""
-
-    shares_model = False
-
-    def __init__(self, by_step: dict[int, list[Rollout]], events: list[str]) -> None:
-        self.by_step = by_step
-        self.events = events
-
-    def collect(self, env: Any, examples: Sequence[Any], n: int, *, step: int, **kw: Any) -> list[Rollout]:
-        self.events.append(f"collect {step}")
-        return self.by_step[step]
-
-
-@pytest.mark.parametrize("async_level", [1, 0])
 def test_with_a_server_the_next_rollouts_are_requested_while_the_step_trains(
     tiny_model_dir: Path, async_level: int
 ) -> None:

@@ -106,15 +106,24 @@ def train(
 @app.command("eval")
 def evaluate(
     config: Path = typer.Argument(..., help="config TOML file"),
-    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint dir (default: the config's model)"),
-    n: int = typer.Option(64, help="number of held-out prompts"),
     overrides: Optional[List[str]] = OverridesArg,
+    checkpoint: Optional[List[str]] = typer.Option(
+        None, "--checkpoint", help="a checkpoints/<step> dir (full or LoRA), or 'base' for the config's model; "
+        "repeat to compare models side by side (default: base)"),
+    episodes: Optional[int] = typer.Option(None, "--episodes", "-n",
+                                           help="held-out prompts or episodes to score (default: eval_size)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="held-out items A-B (0-based, inclusive) instead"),
+    server: Optional[str] = typer.Option(None, "--server", help="score the model an already running server serves"),
+    output: Optional[Path] = typer.Option(None, "--output", help="where to write the scores (default: "
+                                          "<run dir>/eval.json)"),
+    label: Optional[str] = typer.Option(None, "--label", hidden=True, help="the model's name in the result"),
 ) -> None:
-    """Score a model greedily on the environment's held-out split, without training."""
-    from backend.evaluate import eval_main
+    """Score models greedily on the environment's held-out split through the configured engine."""
+    from vlmrl_tui.evaluation import eval_command
 
     cfg = _load(config, overrides)
-    code = eval_main(cfg, checkpoint=checkpoint, n=n)
+    code = eval_command(cfg, config, checkpoints=checkpoint or [], episodes=episodes, seeds=seeds, server=server,
+                        output=output, label=label)
     raise typer.Exit(code)
 
 

@@ -40,6 +40,7 @@ from backend.records import (
     HEALTHY,
     KILLED,
     PENDING,
+    PROC_TRAINER,
     RESTARTING,
     RUN_COMPLETED,
     RUN_EXIT_CODES,
@@ -406,8 +407,9 @@ class Supervisor:
                 await self._failed(c, f"{c.spec.name} failed ({how})")
             return
         if rc == 0 and c.spec.name == self._trainer_name():
-            self._set_state(c, EXITED, "exit code 0: training complete", ended=True)
-            self._begin_shutdown(RUN_COMPLETED, None, "training complete")
+            done = "training complete" if c.spec.name == PROC_TRAINER else f"{c.spec.name} complete"
+            self._set_state(c, EXITED, f"exit code 0: {done}", ended=True)
+            self._begin_shutdown(RUN_COMPLETED, None, done)
             return
         unexpected = f"{how} (not sent by vlmrl)" if st.signal else how
         if rc == 0:
