@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backend.records import MetricRecord, RunInfo
+from backend.records import EvalRecord, MetricRecord, RunInfo
 from backend.rundir import RunDirectory, write_json_atomic
 from backend.records import proc_sort_key
 from vlmrl_tui.watch import LogChunk, RunFeed, clean_line, strip_ansi
@@ -79,3 +79,23 @@ def test_helpers() -> None:
     assert strip_ansi("\x1b[32mINFO\x1b[0m ok \x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\") == "INFO ok link"
     assert sorted(["zeta", "trainer", "supervisor", "server", "prepare"], key=proc_sort_key) == [
         "prepare", "server", "trainer", "supervisor", "zeta"]
+
+
+def test_eval_lines_are_tailed_like_metrics(tmp_path: Path) -> None:
+    rd = RunDirectory(tmp_path).create()
+    feed = RunFeed(tmp_path)
+    assert feed.poll().evals == []  # no eval.jsonl yet: nothing raised
+    first = {"step": 10, "accuracy": 0.5, "n": 32, "time": 1.0}
+    second = {"step": 20, "accuracy": 0.8125, "n": 32, "time": 2.0, "std": 0.39, "parts": {"correct": 0.8125}}
+    second_line = json.dumps(second) + "\n"
+    _append(rd.eval, json.dumps(first) + "\n" + json.dumps({"note": "not an eval line"}) + "\n"
+            + second_line[:15])
+    update = feed.poll()
+    assert update and update.evals == [EvalRecord.from_json(first)]  # the partial line waits
+    assert not feed.poll()
+    _append(rd.eval, second_line[15:])
+    assert feed.poll().evals == [EvalRecord(20, 0.8125, 32, 2.0, 0.39, {"correct": 0.8125})]
+    assert feed.new_evals() == []
+    # A resume rewrites the file shorter (dropped lines after its step): it is read again.
+    rd.eval.write_text(json.dumps(first) + "\n", encoding="utf-8")
+    assert feed.poll().evals == [EvalRecord.from_json(first)]

@@ -3,7 +3,8 @@
 Written with the same file names and records the supervisor and trainer write
 (``backend.records``, ``backend.rundir``): run.json, logs/<proc>.log with ANSI colours and one traceback,
 metrics.jsonl, rollouts.jsonl and rollouts/<step>/<index>_0.png. Nothing is random and
-every time stamp is fixed, so two builds give byte-identical files.
+every time stamp is fixed, so two builds give byte-identical files. :func:`add_episode`
+appends a multi-turn (Crafter-like) episode record with one frame per turn.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
-from backend.records import ProcessInfo, RunInfo
+from backend.records import ProcessInfo, RolloutRecord, RunInfo, TurnRecord
 from backend.rundir import RunDirectory, write_json_atomic
 
 if TYPE_CHECKING:
@@ -189,6 +190,66 @@ def make_run_dir(path: Path, steps: int = 40, max_steps: int = 40, server_lines:
         for rec in rollouts(rd, steps_with_rollouts, max_steps):
             f.write(json.dumps(rec) + "\n")
     return rd.path
+
+
+# An episode of a Crafter-like game: (reply, action, parsed, parts, unlocked, health, frame colour).
+EPISODE_TURNS = (
+    ("move_left", "move_left", "exact", {"achievements": 0.0, "format": 0.0}, [], 9, (60, 150, 70)),
+    ("I face a tree, so: do", "do", "fuzzy", {"achievements": 1.0, "format": 0.0}, ["collect_wood"], 9,
+     (120, 80, 40)),
+    ("jump over it", "noop", "none", {"achievements": 0.0, "format": -0.1}, [], 8, (70, 90, 200)),
+    ("place_table", "place_table", "exact", {"achievements": 1.0, "format": 0.0}, ["place_table"], 8,
+     (200, 200, 60)),
+    ("sleep", "sleep", "exact", {"achievements": 0.0, "format": 0.0}, [], 8, (150, 60, 160)),
+)
+EPISODE_ACHIEVEMENTS = ("collect_wood", "place_table", "collect_stone", "defeat_zombie")
+
+
+def episode_record(run_dir: Path, step: int, index: int, group: int, seed: int = 7,
+                   end_reason: str = "done") -> RolloutRecord:
+    """A finished episode of :data:`EPISODE_TURNS`, its frames written as real PNGs
+    (``rollouts/<step>/crafter-<seed>-e<index>-<k>.png``, a distinct colour per turn), named
+    as the rollout writer names them."""
+    rd = RunDirectory(run_dir)
+    folder = rd.rollout_images(step)
+    folder.mkdir(parents=True, exist_ok=True)
+    example_id = f"crafter-{seed}"
+    rel = folder.relative_to(rd.path).as_posix()
+    turns: list[TurnRecord] = []
+    for k, (reply, action, parsed, parts, unlocked, health, colour) in enumerate(EPISODE_TURNS):
+        name = f"{example_id}-e{index}-{k}.png"
+        img = _image(colour, k, size=48)
+        img.paste((250, 250, 250), (20, 20, 28, 28))  # the player
+        img.save(folder / name, optimize=False)
+        turns.append(TurnRecord(
+            completion=reply, reward=round(sum(parts.values()), 4), reward_parts=dict(parts),
+            info={"action": action, "parsed": parsed, "unlocked": list(unlocked), "health": health},
+            images=[f"{rel}/{name}"], finish_reason="stop", prompt_tokens=300 + 80 * k,
+            completion_tokens=len(reply.split()) + 1,
+        ))
+    parts_sum: dict[str, float] = {}
+    for t in turns:
+        for key, v in t.reward_parts.items():
+            parts_sum[key] = round(parts_sum.get(key, 0.0) + v, 4)
+    reward = round(sum(t.reward for t in turns), 4)
+    got = {a for t in turns for a in t.info["unlocked"]}
+    summary = {"turns": float(len(turns)), "reward": reward, "achievements": float(len(got))}
+    summary.update({f"achievement/{a}": float(a in got) for a in EPISODE_ACHIEVEMENTS})
+    return RolloutRecord(
+        step=step, index=index, group=group, example_id=example_id,
+        prompt="You play Crafter, a 2D survival game seen from above. Reply with one action name. <image>",
+        completion=turns[-1].completion, reward=reward, reward_parts=parts_sum, advantage=0.75,
+        finish_reason="stop", weight_version=step - 1, images=[p for t in turns for p in t.images],
+        turns=turns, end_reason=end_reason, summary=summary,
+    )
+
+
+def add_episode(run_dir: Path, step: int, index: int, group: int, **kw: object) -> RolloutRecord:
+    """Append :func:`episode_record` to the run's rollouts.jsonl and return it."""
+    rec = episode_record(run_dir, step, index, group, **kw)  # type: ignore[arg-type]
+    with open(RunDirectory(run_dir).rollouts, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec.to_json()) + "\n")
+    return rec
 
 
 class FakeNvmlError(Exception):

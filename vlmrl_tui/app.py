@@ -237,6 +237,8 @@ class VlmrlApp(App[str | None]):
                 self.logs.ingest(update.logs)
             if update.metrics:
                 self.metrics.add(update.metrics)
+            if update.evals:
+                self.metrics.add_evals(update.evals)
             if update.rollouts:
                 self.rollouts.add(update.rollouts)
             self.batches += 1

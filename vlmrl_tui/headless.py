@@ -2,7 +2,8 @@
 
 Shows a progress bar per step fed from ``metrics.jsonl`` (plain lines when stdout is not
 a terminal), one line per logged step (``step 12/100 reward=0.62 loss=0.045 ir=1.02
-ent=2.34 kl=0.01 4.1s/it``), one line per process state change, and the last log lines
+ent=2.34 kl=0.01 4.1s/it``), one line per held-out evaluation from ``eval.jsonl`` (``eval
+step 20: reward 0.812 (n=32)``), one line per process state change, and the last log lines
 of a process that fails. Exit codes: 0 training completed, 1 a process failed, 2 bad
 config or failed preflight, 130 interrupted (Ctrl-C once: graceful stop; twice: kill),
 143 stopped by SIGTERM (scancel).
@@ -38,6 +39,7 @@ from backend.records import (
     RUN_STOPPING,
     RUN_TERMINAL,
     STARTING,
+    EvalRecord,
     MetricRecord,
     RunInfo,
     state_line,
@@ -55,6 +57,7 @@ STARTING_NOTE_S = 30.0
 PHASES = {RUN_PREPARING: "preparing model", RUN_STARTING: "starting server", RUN_RUNNING: "training",
           RUN_STOPPING: "stopping"}
 ATTACH_BACKLOG = 50
+ATTACH_EVAL_BACKLOG = 10
 
 
 class RunDirError(VlmrlError):
@@ -83,6 +86,7 @@ class HeadlessView:
         self.max_steps = max_steps
         self.last_step = 0
         self.last_metrics: MetricRecord | None = None
+        self.last_eval: EvalRecord | None = None
         self._last_time: float | None = None
         self._progress: Any = None
         self._task: Any = None
@@ -146,6 +150,17 @@ class HeadlessView:
             self.line(step_line(rec, self.max_steps, dt))
             self._advance(rec)
 
+    def evals(self, items: list[EvalRecord] | list[Mapping[str, Any]], backlog: int | None = None) -> None:
+        """One line per new eval record; with ``backlog``, only the last ``backlog`` get a line."""
+        records = [e if isinstance(e, EvalRecord) else EvalRecord.from_json(e) for e in items]
+        shown = [e for e in records if e is not None]
+        if backlog is not None and len(shown) > backlog:
+            self.line(f"... {len(shown) - backlog} earlier eval(s)")
+            shown = shown[-backlog:]
+        for ev in shown:
+            self.line(eval_line(ev))
+            self.last_eval = ev
+
     def _advance(self, rec: MetricRecord) -> None:
         self.last_step = rec.step
         self.last_metrics = rec
@@ -155,11 +170,14 @@ class HeadlessView:
             self._progress.update(self._task, completed=self.last_step, description="training", info=info)
 
     def drain(self) -> None:
-        """Show the metric records written since the last call."""
+        """Show the metric and eval records written since the last call."""
         if self.feed is not None:
             recs = self.feed.new_metrics()
             if recs:
                 self.metrics(recs)
+            evals = self.feed.new_evals()  # after the metrics: a step's eval is written after its metrics
+            if evals:
+                self.evals(evals)
 
     def event(self, ev: SupervisorEvent) -> None:
         """A supervisor event (``vlmrl run``)."""
@@ -189,12 +207,20 @@ class HeadlessView:
             r = self.last_metrics.get(REWARD_MEAN)
             if r is not None and math.isfinite(r):
                 last = f", last reward={r:.2f}"
+        if self.last_eval is not None and math.isfinite(self.last_eval.accuracy):
+            last += f", eval reward={self.last_eval.accuracy:.2f} at step {self.last_eval.step}"
         status = info.status if info is not None else "?"
         reason = info.reason if info is not None else None
         head = {EXIT_OK: RUN_COMPLETED, EXIT_FAILED: RUN_FAILED, EXIT_INTERRUPTED: RUN_STOPPED,
                 EXIT_SIGTERM: RUN_STOPPED}.get(code, status)
         why = f" ({reason})" if reason and code != 0 else ""
         self.line(f"{head}{why}: {steps}{took}{last} - {run_dir}")
+
+
+def eval_line(ev: EvalRecord) -> str:
+    """``eval step 20: reward 0.812 ± 0.390 (n=32)`` (no ``±`` when the record has no std)."""
+    std = f" ± {ev.std:.3f}" if ev.std is not None else ""
+    return f"eval step {ev.step}: reward {ev.accuracy:.3f}{std} (n={ev.n})"
 
 
 # ----- vlmrl run -----
@@ -322,10 +348,12 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
     seen_run = info.status
     with view:
         view.metrics(feed.new_metrics(), backlog=ATTACH_BACKLOG)
+        view.evals(feed.new_evals(), backlog=ATTACH_EVAL_BACKLOG)
         try:
             while True:
                 if info.finished:
                     view.metrics(feed.new_metrics())
+                    view.evals(feed.new_evals())
                     return _attach_end(view, info, rd)
                 if not follow:
                     return 0
@@ -335,6 +363,7 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
                     return EXIT_FAILED
                 time.sleep(poll_s)
                 view.metrics(feed.new_metrics())
+                view.evals(feed.new_evals())
                 new, error = feed.run_info()
                 if error is not None:
                     raise RunDirError(error)
@@ -364,4 +393,4 @@ def _attach_end(view: HeadlessView, info: RunInfo, rd: RunDirectory) -> int:
     return code
 
 
-__all__ = ["run_headless", "run_plan", "attach_headless", "HeadlessView", "step_line"]
+__all__ = ["run_headless", "run_plan", "attach_headless", "HeadlessView", "eval_line", "step_line"]

@@ -2,10 +2,11 @@
 
 :class:`RunFeed` is the one reader of a run directory that views use. One
 :meth:`RunFeed.poll` returns everything appended since the previous call: log lines per
-process (at most the scrollback cap each, the rest counted as skipped), metric records
-(parsed), rollout lines, and ``run.json`` (parsed) when it changed. The dashboard's reader
-worker posts one poll result as one message and waits until the UI has taken it (one
-batch in flight); headless mode asks only for new metrics (:meth:`RunFeed.new_metrics`).
+process (at most the scrollback cap each, the rest counted as skipped), metric and eval
+records (parsed), rollout lines, and ``run.json`` (parsed) when it changed. The dashboard's
+reader worker posts one poll result as one message and waits until the UI has taken it (one
+batch in flight); headless mode asks only for new metrics and evals
+(:meth:`RunFeed.new_metrics`, :meth:`RunFeed.new_evals`).
 
 :class:`ProcessSampler` measures CPU% and RSS of each supervised process tree and probes
 its health URL (:func:`backend.net.probe_http`, the same probe the supervisor uses).
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from backend.net import probe_http
-from backend.records import MetricRecord, RunInfo, RunInfoError
+from backend.records import EvalRecord, MetricRecord, RunInfo, RunInfoError
 from backend.rundir import FileTail, JsonlTail, RunDirectory
 
 DEFAULT_SCROLLBACK = 10_000
@@ -53,12 +54,13 @@ class RunUpdate:
     info_error: str | None = None  # run.json changed but cannot be read (another schema version)
     logs: dict[str, LogChunk] = field(default_factory=dict)
     metrics: list[MetricRecord] = field(default_factory=list)
+    evals: list[EvalRecord] = field(default_factory=list)  # eval.jsonl: held-out evaluations
     rollouts: list[dict[str, Any]] = field(default_factory=list)  # parsed per step when shown
     new_procs: list[str] = field(default_factory=list)  # log files seen for the first time
 
     def __bool__(self) -> bool:
-        return bool(self.info is not None or self.info_error or self.logs or self.metrics or self.rollouts
-                    or self.new_procs)
+        return bool(self.info is not None or self.info_error or self.logs or self.metrics or self.evals
+                    or self.rollouts or self.new_procs)
 
     @property
     def line_count(self) -> int:
@@ -121,7 +123,7 @@ class _LogSource:
 
 
 class RunFeed:
-    """Incremental reader of one run directory (logs, metrics, rollouts, run.json)."""
+    """Incremental reader of one run directory (logs, metrics, evals, rollouts, run.json)."""
 
     def __init__(
         self,
@@ -136,6 +138,7 @@ class RunFeed:
         self._attach_tail_bytes = attach_tail_bytes
         self._logs: dict[str, _LogSource] = {}
         self._metrics = JsonlTail(self.rd.metrics)
+        self._evals = JsonlTail(self.rd.eval)
         self._rollouts = JsonlTail(self.rd.rollouts)
         self._run_json_stamp: tuple[int, int] | None = None
         self._polls = 0
@@ -169,6 +172,10 @@ class RunFeed:
         """Metric records appended since the last call (lines without a step are skipped)."""
         return [m for m in map(MetricRecord.from_json, self._metrics.read()) if m is not None]
 
+    def new_evals(self) -> list[EvalRecord]:
+        """Eval records (``eval.jsonl``) appended since the last call; other lines are skipped."""
+        return [e for e in map(EvalRecord.from_json, self._evals.read()) if e is not None]
+
     def poll(self) -> RunUpdate:
         """Read everything appended since the last poll."""
         self._polls += 1
@@ -181,6 +188,7 @@ class RunFeed:
             if chunk is not None:
                 update.logs[name] = chunk
         update.metrics = self.new_metrics()
+        update.evals = self.new_evals()
         update.rollouts = self._rollouts.read()
         return update
 

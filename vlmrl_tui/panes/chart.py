@@ -1,7 +1,8 @@
 """A small braille line chart: a title, y labels, x labels, several series.
 
 Each terminal cell holds 2x4 braille dots, so a 40x10 cell plot draws 80x40 points.
-Consecutive points are joined (Bresenham in dot space). Drawing is pure Python over the
+Consecutive points are joined (Bresenham in dot space); a sparse series (``marks``) also
+gets a 3x3 dot mark at each point, so that a single point is visible. Drawing is pure Python over the
 points on screen and costs well under a millisecond for a typical pane, which is why the
 metrics pane uses it instead of a general plotting library (a Plotext redraw plus its ANSI
 parsing cost ~25 ms a plot here, every time a step arrived).
@@ -22,17 +23,19 @@ from textual.widget import Widget
 
 # Bit of each dot in a braille cell, by (column, row).
 _DOT = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
-ROLES = ("band", "extra", "main")  # drawing order: later roles win a shared cell's colour
+ROLES = ("band", "extra", "main", "eval")  # drawing order: later roles win a shared cell's colour
 
 
 @dataclass(frozen=True)
 class Series:
-    """Points of one line; ``role`` picks its colour (band lines are dimmed)."""
+    """Points of one line; ``role`` picks its colour (band lines are dimmed); ``marks``:
+    each point is also drawn as a small square (for series with few points)."""
 
     xs: Sequence[float]
     ys: Sequence[float]
     role: str = "main"
     label: str | None = None
+    marks: bool = False
 
 
 def compact(v: float) -> str:
@@ -115,6 +118,11 @@ class ChartRender:
             dy = round((hi - y) / (hi - lo) * (dots_h - 1))
             return min(max(dx, 0), dots_w - 1), min(max(dy, 0), dots_h - 1)
 
+        def light(px: int, py: int, role: str) -> None:
+            cx, cy = px // 2, py // 4
+            bits[cy][cx] |= _DOT[px % 2][py % 4]
+            owner[cy][cx] = role
+
         for role in ROLES:
             for s in self.series:
                 if s.role != role:
@@ -125,10 +133,15 @@ class ChartRender:
                         prev = None
                         continue
                     for px, py in _segment(prev or cur, cur):
-                        cx, cy = px // 2, py // 4
-                        bits[cy][cx] |= _DOT[px % 2][py % 4]
-                        owner[cy][cx] = role
+                        light(px, py, role)
                     prev = cur
+                if s.marks:
+                    for x, y in zip(s.xs, s.ys):
+                        if math.isfinite(x) and math.isfinite(y):
+                            mx, my = to_dot(x, y)
+                            for px in range(max(0, mx - 1), min(dots_w, mx + 2)):
+                                for py in range(max(0, my - 1), min(dots_h, my + 2)):
+                                    light(px, py, role)
         for r in range(rows):
             label = labels.get(r, "")
             line = [Segment(label.rjust(lw), axis), Segment("┤" if label else "│", axis)]
@@ -213,12 +226,13 @@ class LineChart(Widget):
         height: 1fr; width: 1fr; min-height: 5;
         .chart--main { color: $text-primary; }
         .chart--extra { color: $text-warning; }
+        .chart--eval { color: $text-success; }
         .chart--band { color: $text-muted; }
         .chart--axis { color: $text-muted; }
         .chart--title { color: $text; text-style: bold; }
     }
     """
-    COMPONENT_CLASSES = {"chart--main", "chart--extra", "chart--band", "chart--axis", "chart--title"}
+    COMPONENT_CLASSES = {"chart--main", "chart--extra", "chart--eval", "chart--band", "chart--axis", "chart--title"}
 
     def __init__(self, title: str = "", *, id: str | None = None) -> None:
         super().__init__(id=id)

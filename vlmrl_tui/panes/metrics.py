@@ -1,6 +1,9 @@
 """Metrics pane: plots over steps, a table of the latest values, step progress and ETA.
 
-Records come from ``metrics.jsonl`` (one per optimizer step). Charts, table and progress
+Records come from ``metrics.jsonl`` (one per optimizer step) and ``eval.jsonl`` (one per
+held-out evaluation, every ``eval_every`` steps): eval rewards are drawn on the reward plot
+as a second series, and the latest one is shown in the progress line and the table. A run
+without evaluations looks as if evals did not exist. Charts, table and progress
 are redrawn at most once per ``redraw_s`` and only while the pane is on screen: a run can
 log several steps a second, and nothing needs redrawing that often.
 """
@@ -17,7 +20,7 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Static
 
 from backend import records as r
-from backend.records import MetricRecord
+from backend.records import EvalRecord, MetricRecord
 from vlmrl_tui.panes.chart import LineChart, Series
 
 
@@ -31,10 +34,11 @@ class PlotSpec:
     low: str | None = None  # lower / upper envelopes (min / max)
     high: str | None = None
     extra: tuple[str, ...] = ()  # more series on the same axes
+    evals: bool = False  # also draw the held-out eval rewards (``eval.jsonl``) when there are any
 
 
 PLOTS: tuple[PlotSpec, ...] = (
-    PlotSpec("reward ± std", r.REWARD_MEAN, band=r.REWARD_STD),
+    PlotSpec("reward ± std", r.REWARD_MEAN, band=r.REWARD_STD, evals=True),
     PlotSpec("loss", r.LOSS),
     PlotSpec("KL", r.KL, extra=(r.MISMATCH_KL,)),
     PlotSpec("ratio min/mean/max", r.IR, low=r.IR_MIN, high=r.IR_MAX),
@@ -64,6 +68,7 @@ TABLE_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 MAX_POINTS = 600  # series longer than this are bucketed (bucket means) before plotting
+EVAL_LABEL = "eval"  # the eval series' legend on the reward plot
 
 
 def format_value(v: float | None) -> str:
@@ -165,6 +170,40 @@ class MetricsStore:
         return None
 
 
+class EvalStore:
+    """Eval records by step (a resumed run that evaluates a step again replaces it)."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, EvalRecord] = {}
+        self._series: tuple[list[float], list[float]] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+    def add(self, records: Iterable[EvalRecord | Mapping[str, Any]]) -> int:
+        n = 0
+        for item in records:
+            rec = item if isinstance(item, EvalRecord) else EvalRecord.from_json(item)
+            if rec is None:
+                continue
+            self.records[rec.step] = rec
+            n += 1
+        if n:
+            self._series = None
+        return n
+
+    def series(self) -> tuple[list[float], list[float]]:
+        """(steps, mean rewards) of the finite evaluations (shared lists: do not modify)."""
+        if self._series is None:
+            pairs = [(float(s), self.records[s].accuracy) for s in sorted(self.records)]
+            pairs = [(x, y) for x, y in pairs if math.isfinite(y)]
+            self._series = ([x for x, _ in pairs], [y for _, y in pairs])
+        return self._series
+
+    def latest(self) -> EvalRecord | None:
+        return self.records[max(self.records)] if self.records else None
+
+
 class MetricPlot(LineChart):
     """One chart of a :class:`PlotSpec`, fed from a :class:`MetricsStore`."""
 
@@ -174,7 +213,7 @@ class MetricPlot(LineChart):
         super().__init__(spec.title, id=id)
         self.spec = spec
 
-    def draw(self, store: MetricsStore) -> None:
+    def draw(self, store: MetricsStore, evals: EvalStore | None = None) -> None:
         spec = self.spec
         series: list[Series] = []
         xs, ys = store.series(spec.key)
@@ -193,6 +232,10 @@ class MetricPlot(LineChart):
                 series.append(Series(*downsample(ex, ey), "extra", label=extra))
         if xs:
             series.append(Series(*downsample(xs, ys), "main", label=spec.key if spec.extra else None))
+        if spec.evals and evals:
+            ex, ey = evals.series()
+            if ex:
+                series.append(Series(*downsample(ex, ey), "eval", label=EVAL_LABEL, marks=True))
         self.set_series(series)
 
 
@@ -250,6 +293,7 @@ class MetricsPane(Vertical):
         super().__init__(id=id)
         self.redraw_s = redraw_s
         self.store = MetricsStore()
+        self.evals = EvalStore()
         self.max_steps: int | None = None  # from run.json
         self.finished = False
         self._dirty = False
@@ -257,6 +301,7 @@ class MetricsPane(Vertical):
         self._eta = Static("waiting for the first step", id="metrics-eta")
         self.table = Static(self.latest_table({}), id="metrics-table")
         self.latest_values: dict[str, str] = {}  # what the table shows, by metric key
+        self.eval_values: dict[str, str] = {}  # the latest evaluation in the table (empty: none yet)
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="metrics-progress"):
@@ -274,19 +319,42 @@ class MetricsPane(Vertical):
         self.flush(force=True)
 
     @staticmethod
-    def latest_table(values: dict[str, str]) -> Text:
-        """Metric names and their latest values, one per line (a DataTable costs far more to redraw)."""
+    def latest_table(values: dict[str, str], evals: dict[str, str] | None = None) -> Text:
+        """Metric names and their latest values, one per line (a DataTable costs far more to redraw);
+        then the latest evaluation's rows (``evals``: label -> value), when there is one."""
         text = Text(no_wrap=True)
         text.append(f"{'metric':<13}{'latest':>10}\n", style="bold")
         for key, label in TABLE_KEYS:
             text.append(f"{label:<13}")
             text.append(f"{values.get(key, '—'):>10}\n")
+        if evals:
+            text.append(f"\n{'held-out eval':<13}{'latest':>10}\n", style="bold")
+            for label, value in evals.items():
+                text.append(f"{label:<13}")
+                text.append(f"{value:>10}\n")
         text.rstrip()
         return text
+
+    @staticmethod
+    def eval_rows(ev: EvalRecord | None) -> dict[str, str]:
+        """The table's rows for the latest evaluation: step, mean reward, its std, prompts scored."""
+        if ev is None:
+            return {}
+        rows = {"eval step": str(ev.step), "eval reward": format_value(ev.accuracy)}
+        if ev.std is not None:
+            rows["eval std"] = format_value(ev.std)
+        rows["eval n"] = str(ev.n)
+        return rows
 
     def add(self, records: list[MetricRecord]) -> None:
         """Take new metric records; redraw soon (throttled, only when on screen)."""
         if self.store.add(records):
+            self._dirty = True
+            self._schedule()
+
+    def add_evals(self, records: list[EvalRecord]) -> None:
+        """Take new eval records (``eval.jsonl``); redraw soon (throttled, only when on screen)."""
+        if self.evals.add(records):
             self._dirty = True
             self._schedule()
 
@@ -318,16 +386,20 @@ class MetricsPane(Vertical):
         self._dirty = False
         latest = self.store.latest()
         self.latest_values = {key: format_value(latest.finite(key) if latest else None) for key, _ in TABLE_KEYS}
-        self.table.update(self.latest_table(self.latest_values), layout=False)
+        self.eval_values = self.eval_rows(self.evals.latest())
+        self.table.update(self.latest_table(self.latest_values, self.eval_values), layout=False)
         self._update_progress(latest)
         for plot in self.query(MetricPlot):
-            plot.draw(self.store)
+            plot.draw(self.store, self.evals)
 
     def progress_text(self) -> str:
-        """``step 37/200 · 0.52 s/step · ETA 1m 25s``."""
+        """``step 37/200 · 0.52 s/step · ETA 1m 25s``, then ``· eval 0.812 (n=32, step 20)``
+        once there is an evaluation."""
         latest = self.store.latest()
+        ev = self.evals.latest()
+        tail = f" · eval {format_value(ev.accuracy)} (n={ev.n}, step {ev.step})" if ev is not None else ""
         if latest is None:
-            return "waiting for the first step"
+            return "waiting for the first step" + tail
         step = latest.step
         per = self.store.step_seconds()
         parts = [f"step {step}" + (f"/{self.max_steps}" if self.max_steps else "")]
@@ -337,7 +409,7 @@ class MetricsPane(Vertical):
             parts.append("finished")
         elif self.max_steps and per is not None:
             parts.append(f"ETA {format_duration(max(0, self.max_steps - step) * per)}")
-        return " · ".join(parts)
+        return " · ".join(parts) + tail
 
     def _update_progress(self, latest: MetricRecord | None) -> None:
         step = latest.step if latest is not None else 0

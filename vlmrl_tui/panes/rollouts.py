@@ -1,5 +1,8 @@
 """Rollouts pane: the images the model saw, beside prompt, completion, reward and advantage.
 
+An episode (a record with ``turns``) is shown as a filmstrip (episode.py renders it);
+``,``/``.`` browse its turns, ``<``/``>`` jump to the first/last one.
+
 Images are drawn with half blocks (``▀``, foreground = upper pixel, background = lower
 pixel) as a Rich renderable: every true-colour terminal shows them, Rich downgrades
 colours for the others, and SVG snapshots capture them, unlike sixel/kitty protocols.
@@ -8,7 +11,6 @@ colours for the others, and SVG snapshots capture them, unlike sixel/kitty proto
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,33 +31,15 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
 from backend.records import RolloutRecord, rollout_position
-from vlmrl_tui.watch import display_path
+from vlmrl_tui.panes.episode import (Prerendered, episode_header, field_grid, one_line, png_link, reward_text,
+                                     signed_text, turn_action, turn_extra, turn_view)
 from vlmrl_tui.panes.table import RowTable
 
 SORT_MODES = ("index", "best", "worst")
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
-
-
-class Prerendered:
-    """A renderable with its lines already rendered at ``width``: replayed as they are at
-    that width (no second render), rendered afresh at any other."""
-
-    def __init__(self, renderable: Any, lines: list[list[Segment]], width: int) -> None:
-        self.renderable = renderable
-        self.lines = lines
-        self.width = width
-
-    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        return Measurement.get(console, options, self.renderable)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        if options.max_width != self.width:
-            yield self.renderable
-            return
-        newline = Segment.line()
-        for line in self.lines:
-            yield from line
-            yield newline
+ROW_MAX_TURNS = 40  # actions the table row of an episode lists
+_TURN_ACTIONS = ("turn", "turn_at")
+_TURN_KEYS = Binding.Group("Turn", compact=True)  # the footer shows ",. Turn"
+_TURN_ENDS = Binding.Group("First/last turn", compact=True)
 
 
 class HalfBlockImage:
@@ -184,11 +168,13 @@ class RolloutStore:
         return rows
 
 
-def _signed(v: float | None, fmt: str = "+.3f") -> Text:
-    if v is None:
-        return Text("n/a", style="dim")
-    style = "green" if v > 0 else "red" if v < 0 else "yellow"
-    return Text(format(v, fmt), style=style)
+def completion_cell(r: RolloutRecord) -> str:
+    """The table's completion column: the reply, or an episode's turns and actions."""
+    if not r.turns:
+        return one_line(r.completion)
+    n = len(r.turns)
+    actions = " ".join(turn_action(t) for t in r.turns[:ROW_MAX_TURNS])
+    return f"{n} turn{'s' if n != 1 else ''}: {actions}" + (" …" if n > ROW_MAX_TURNS else "")
 
 
 class RolloutsPane(Horizontal):
@@ -200,6 +186,7 @@ class RolloutsPane(Horizontal):
     RolloutsPane #rollout-header { height: 1; padding: 0 1; background: $panel; }
     RolloutsPane #rollout-table { height: 1fr; }
     RolloutsPane > #rollout-detail { width: 3fr; padding: 0 1; border-left: vkey $panel; }
+    RolloutsPane #rollout-episode { height: auto; display: none; }
     RolloutsPane #rollout-image { height: auto; }
     RolloutsPane #rollout-text { height: auto; }
     """
@@ -211,6 +198,13 @@ class RolloutsPane(Horizontal):
         Binding("l", "last_step", "Latest step", id="rollouts.last_step"),
         Binding("s", "cycle_sort", "Sort", id="rollouts.sort"),
         Binding("y", "copy_path", "Copy PNG path", id="rollouts.copy_path"),
+        # Shown (and active) only while an episode is selected: see check_action.
+        Binding("comma", "turn(-1)", "Prev turn", key_display=",", id="rollouts.prev_turn", group=_TURN_KEYS),
+        Binding("full_stop", "turn(1)", "Next turn", key_display=".", id="rollouts.next_turn", group=_TURN_KEYS),
+        Binding("less_than_sign", "turn_at(0)", "First turn", key_display="<", id="rollouts.first_turn",
+                group=_TURN_ENDS),
+        Binding("greater_than_sign", "turn_at(-1)", "Last turn", key_display=">", id="rollouts.last_turn",
+                group=_TURN_ENDS),
     ]
 
     def __init__(self, run_dir: Path | None = None, image_height: int = 12, redraw_s: float = 2.0,
@@ -227,12 +221,15 @@ class RolloutsPane(Horizontal):
         self.follow_latest = True
         self.sort = "index"
         self.selected: RolloutRecord | None = None
+        self.turn = 0  # the turn shown when the selected rollout is an episode
         self._images: LRUCache[Path, Image.Image | None] = LRUCache(64)
+        self._pictures: LRUCache[Path, HalfBlockImage] = LRUCache(64)  # keeps their rendered lines
         self._shown_rows: list[RolloutRecord] = []
         self.shown_images: list[HalfBlockImage] = []  # what the detail view draws now
         self._shapes: dict[int, tuple[int, int | None]] = {}  # id(static) -> (width, lines) last shown
         self._header = Static("no rollouts yet", id="rollout-header")
         self.table = RowTable(("#", "grp", "reward", "adv", "completion"), (3, 3, 6, 7, 40), id="rollout-table")
+        self._episode = Static("", id="rollout-episode")  # an episode's header and turn strip
         self._image = Static("", id="rollout-image")
         self._text = Static("Rollouts appear here once the trainer logs its first step.", id="rollout-text")
 
@@ -241,6 +238,7 @@ class RolloutsPane(Horizontal):
             yield self._header
             yield self.table
         with VerticalScroll(id="rollout-detail"):
+            yield self._episode
             yield self._image
             yield self._text
 
@@ -293,8 +291,8 @@ class RolloutsPane(Horizontal):
         self._shown_rows = rows
         table = self.table
         table.set_rows([
-            (str(r.index), (str(r.index), str(r.group), _signed(r.reward, ".2f"), _signed(r.advantage),
-                            _CONTROL_RE.sub("�", r.completion.replace("\n", " ⏎ "))))
+            (str(r.index), (str(r.index), str(r.group), signed_text(r.reward, ".2f"), signed_text(r.advantage),
+                            completion_cell(r)))
             for r in rows
         ])
         row = 0
@@ -345,53 +343,86 @@ class RolloutsPane(Horizontal):
         self._images[path] = image
         return image
 
+    def _picture(self, rel: str) -> HalfBlockImage | Text:
+        """The image at ``rel`` as half blocks (kept, with its rendered lines, for the next
+        time it is shown), or a line saying it is missing."""
+        path = self.image_path(rel)
+        picture = self._pictures.get(path)
+        if picture is not None:
+            return picture
+        img = self._load(path)
+        if img is None:
+            return Text(f"[image missing: {path}]", style="red")
+        picture = HalfBlockImage(img, max_width=self.image_height * 2 * img.width // max(1, img.height),
+                                 max_height=self.image_height)
+        self._pictures[path] = picture
+        return picture
+
     def _select(self, r: RolloutRecord) -> None:
+        """Show rollout ``r``; another rollout than the one shown starts at its first turn."""
+        prev = self.selected
+        if prev is None or (prev.step, prev.index) != (r.step, r.index):
+            self.turn = 0
         self.selected = r
-        images: list[Any] = []
-        for rel in r.images:
-            path = self.image_path(rel)
-            img = self._load(path)
-            if img is None:
-                images.append(Text(f"[image missing: {path}]", style="red"))
-            else:
-                images.append(HalfBlockImage(img, max_width=self.image_height * 2 * img.width // max(1, img.height),
-                                             max_height=self.image_height))
+        if r.turns:
+            self.turn = min(self.turn, len(r.turns) - 1)
+        if bool(r.turns) != bool(prev is not None and prev.turns):
+            self.refresh_bindings()  # the turn keys are shown for episodes only
+        self._show_selected()
+
+    def _show_selected(self) -> None:
+        r = self.selected
+        if r is None:
+            return
+        if r.turns:
+            self._show_turn(r, self.turn)
+            return
+        if self._episode.display:
+            self._episode.display = False
+        images: list[Any] = [self._picture(rel) for rel in r.images]
         if not r.images:
             images.append(Text("(no image in this rollout)", style="dim"))
         self.shown_images = [x for x in images if isinstance(x, HalfBlockImage)]
-        detail = self.detail(r)
+        self._show(self._image, Group(*images))
+        self._show(self._text, self.detail(r))
+
+    def _show_turn(self, r: RolloutRecord, k: int) -> None:
+        """An episode: its header and strip, turn ``k``'s frame beside what the model did."""
+        t = r.turns[k]
+        frames: list[Any] = [self._picture(rel) for rel in t.images]
+        self.shown_images = [x for x in frames if isinstance(x, HalfBlockImage)]
+        if not self._episode.display:
+            self._episode.display = True
+        self._show(self._episode, episode_header(r, k))
+        self._show(self._image, turn_view(frames, r, k))
+        self._show(self._text, turn_extra(r, k, [self.image_path(rel).resolve() for rel in t.images]))
+
+    def _show(self, static: Static, renderable: Any) -> None:
         # Each part is rendered once here, at the width it will be shown at, and the Static
         # replays those lines; a layout (it re-arranges the whole screen) is asked for only
         # when a part's height changes (the next rollout usually has the same shape).
-        for static, renderable in ((self._image, Group(*images)), (self._text, detail)):
-            width = static.size.width
-            height = None
-            if width > 0:
-                console = self.app.console
-                lines = console.render_lines(renderable, console.options.update_width(width), pad=False)
-                renderable = Prerendered(renderable, lines, width)
-                height = len(lines)
-            static.update(renderable, layout=height is None or (width, height) != self._shapes.get(id(static)))
-            self._shapes[id(static)] = (width, height)
+        width = static.size.width
+        height = None
+        if width > 0:
+            console = self.app.console
+            lines = console.render_lines(renderable, console.options.update_width(width), pad=False)
+            renderable = Prerendered(renderable, lines, width)
+            height = len(lines)
+        static.update(renderable, layout=height is None or (width, height) != self._shapes.get(id(static)))
+        self._shapes[id(static)] = (width, height)
 
     def detail(self, r: RolloutRecord) -> Table:
         """The text beside the image: ids, reward and parts, advantage, prompt, completion, paths."""
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="bold", no_wrap=True)
-        grid.add_column(overflow="fold")
+        grid = field_grid()
         grid.add_row("rollout", f"step {r.step} · #{r.index} · group {r.group} · {r.example_id}")
-        reward = _signed(r.reward, ".3f")
-        if r.reward_parts:
-            reward.append("  (" + ", ".join(f"{k} {v:.2f}" for k, v in r.reward_parts.items()) + ")", style="dim")
-        grid.add_row("reward", reward)
-        grid.add_row("advantage", _signed(r.advantage))
+        grid.add_row("reward", reward_text(r.reward, r.reward_parts))
+        grid.add_row("advantage", signed_text(r.advantage))
         grid.add_row("prompt", Text(r.prompt))
         grid.add_row("completion", Text(r.completion, style="bold"))
         if r.answer is not None:
             grid.add_row("answer", str(r.answer))
         for rel in r.images:
-            path = self.image_path(rel).resolve()
-            grid.add_row("png", Text(display_path(path), style=Style(link=path.as_uri(), underline=True)))
+            grid.add_row("png", png_link(self.image_path(rel).resolve()))
         return grid
 
     # ---- actions ----------------------------------------------------------------------
@@ -417,10 +448,38 @@ class RolloutsPane(Horizontal):
             self.selected = None
             self.show_step(self.step)
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The turn keys work (and show in the footer) only while an episode is selected."""
+        if action in _TURN_ACTIONS:
+            return self.selected is not None and bool(self.selected.turns)
+        return True
+
+    def action_turn(self, delta: int) -> None:
+        r = self.selected
+        if r is not None and r.turns:
+            self.show_turn(self.turn + delta)
+
+    def action_turn_at(self, k: int) -> None:
+        r = self.selected
+        if r is not None and r.turns:
+            self.show_turn(k if k >= 0 else len(r.turns) + k)
+
+    def show_turn(self, k: int) -> None:
+        """Show turn ``k`` (from 0, clamped) of the selected episode."""
+        r = self.selected
+        if r is None or not r.turns:
+            return
+        k = min(max(k, 0), len(r.turns) - 1)
+        if k != self.turn:
+            self.turn = k
+            self._show_turn(r, k)
+
     def action_copy_path(self) -> None:
-        if self.selected is None or not self.selected.images:
+        r = self.selected
+        images = r.turns[self.turn].images if r is not None and r.turns else r.images if r is not None else []
+        if not images:
             self.notify("No image selected.", severity="warning")
             return
-        path = str(self.image_path(self.selected.images[0]).resolve())
+        path = str(self.image_path(images[0]).resolve())
         self.app.copy_to_clipboard(path)
         self.notify(f"Copied {path}")
