@@ -445,3 +445,36 @@ def test_the_trainer_trains_two_steps_on_a_multi_turn_verifiers_environment(tiny
         assert {"correct", "quick", "num_turns"} <= parts.keys() and parts["num_turns"] == len(turns)
         assert r["reward"] == pytest.approx(parts["correct"] + 0.5 * parts["quick"])
         assert r["end_reason"] == ("max_turns" if len(turns) == 3 else "done")
+
+
+def test_verifiers_environments_drive_our_server_and_train_on_what_it_sampled(tiny_model_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """The real verifiers library as the environment, our hf server sampling, the trainer
+    stepping on the result: a single-turn env (prompts) and a multi-turn one (episodes)."""
+    from backend.adapters import adapter_for
+    from backend.models import load_model_and_processor
+    from backend.rollout import RolloutClient
+    from backend.sampling import banned_token_ids
+    from backend.trainer import MultimodalGRPOTrainer
+    from tests.serverproc import serving
+    from tests.tinytrainer import tiny_cfg
+
+    model, processor = load_model_and_processor(str(tiny_model_dir))
+    single, game = make_env("vlmrl-vf-colors", {}), make_env("vlmrl-vf-guess", {})
+    with serving(tmp_path, None, max_model_len=2048, limit_mm_per_prompt={"image": 4}) as server, \
+            RolloutClient(server.url, banned_ids=banned_token_ids(processor.tokenizer)) as client:
+        prompts = client.collect(single, single.train_examples(1, 2), 4, max_tokens=4, step=1)
+        episodes = client.collect_episodes(game, game.train_seeds(1, 2), 4, max_tokens=4, step=1, max_context=2048)
+    assert len(prompts) == 8 and all({"exact_answer", "one_word"} <= r.reward_parts.keys() for r in prompts)
+    assert len(episodes) == 8 and [r.group for r in episodes] == [0] * 4 + [1] * 4
+    for ep in episodes:
+        assert 1 <= len(ep.turns) <= 3 and len(ep.images) == len(ep.turns)  # a new image each turn
+        assert ep.turns[-1].reward_parts.keys() >= {"correct", "quick"}  # the rubric scored the end
+        assert ep.reward == pytest.approx(sum(t.reward for t in ep.turns))
+    for rollouts in (prompts, episodes):
+        for r in rollouts[::2]:  # rewards that differ within every group, so both batches train
+            r.reward += 1.0
+        tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor, max_length=2048),
+                                   tiny_cfg(), log=lambda s: None)
+        m = tr.train_step(rollouts)
+        assert m["dropped"] == 0 and m["num_rollouts"] == 8 and m["trained_sequences"] > 0 and m["grad_norm"] > 0
