@@ -295,6 +295,21 @@ def test_eval_every_scores_the_held_out_split_and_appends_eval_lines(tiny_model_
         assert set(e.parts) == {"correct", "is_color"}
 
 
+class ReplaySource:
+    """A remote-like source (it does not share the trainer's model): replays prepared rollouts."""
+
+    shares_model = False
+
+    def __init__(self, by_step: dict[int, list[Rollout]], events: list[str]) -> None:
+        self.by_step = by_step
+        self.events = events
+
+    def collect(self, env: Any, examples: Sequence[Any], n: int, *, step: int, **kw: Any) -> list[Rollout]:
+        self.events.append(f"collect {step}")
+        return self.by_step[step]
+
+
+@pytest.mark.parametrize("async_level", [1, 0])
 def test_with_a_server_the_next_rollouts_are_requested_while_the_step_trains(
     tiny_model_dir: Path, async_level: int
 ) -> None:
