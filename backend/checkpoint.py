@@ -7,6 +7,12 @@ optimizer and scheduler (``optimizer.pt``), random generators (``rng.pt``) and
 ``trainer_state.json`` (step, config, run identity). A checkpoint is written into a
 temporary folder and renamed into place with its ``COMPLETE`` marker inside, so a crash
 mid-write never leaves a checkpoint that looks whole. Names: :mod:`backend.records`.
+
+With several trainer ranks (FSDP2) every rank takes part: the weights are gathered one
+tensor at a time and rank 0 writes them in the same Hugging Face layout (a consolidated
+export, loadable anywhere and resumable on any number of ranks), and the optimizer state
+is saved sharded with ``torch.distributed.checkpoint`` (``optimizer/``, each rank its
+shard; loads on another number of ranks, or on one).
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from typing import Any
 
 import torch
 
+from backend import distributed as D
 from backend import lora, records
 from backend.rundir import RunDirectory, checkpoint_complete, write_json_atomic
+
+SHARDED_OPTIMIZER = "optimizer"  # in a checkpoint of several ranks: torch.distributed.checkpoint folder
 
 
 def _numpy_rng_state() -> Any:
@@ -44,21 +53,37 @@ def _is_tied(model: Any, key: str) -> bool:
 
 
 def save_checkpoint(run_dir: RunDirectory, model: Any, processor: Any, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: records.TrainerState) -> Path:
-    """Write ``checkpoints/<state.step>/`` (``state`` becomes its trainer_state.json)."""
+                    scheduler: Any, state: records.TrainerState, dist: D.DistInfo | None = None) -> Path:
+    """Write ``checkpoints/<state.step>/`` (``state`` becomes its trainer_state.json); with
+    ``dist``, every rank calls it (see the module docstring)."""
     step = state.step
     final = run_dir.checkpoint(step)
     path = final.with_name(f".{final.name}.tmp")  # written whole, then renamed into place
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    if lora.is_lora(model):
+    main = dist is None or dist.is_main
+    if main:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    if dist is not None:
+        import torch.distributed as tdist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        tdist.barrier()  # the folder exists before any rank writes into it
+        save_weights(model, path, write=main)
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path / SHARDED_OPTIMIZER))
+        tdist.barrier()  # every shard is on disk before rank 0 marks the checkpoint whole
+        if not main:
+            return final
+        torch.save({"scheduler": scheduler.state_dict()}, path / records.OPTIMIZER_STATE)
+    elif lora.is_lora(model):
         lora.save_adapter(model, path)  # the base weights never change: the adapter is the whole update
     else:
         save_weights(model, path)
     if hasattr(processor, "save_pretrained"):
         processor.save_pretrained(path)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               path / records.OPTIMIZER_STATE)
+    if dist is None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   path / records.OPTIMIZER_STATE)
     rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # stochastic rounding draws on the GPU's generator
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -82,7 +107,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 << 30
 
 
-def save_weights(model: Any, path: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+def save_weights(model: Any, path: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES, write: bool = True) -> list[Path]:
     """Write ``model``'s weights into ``path`` as Hugging Face safetensors, plus its config.
 
     The files are what ``save_pretrained`` writes (``model.safetensors``, or numbered shards
@@ -91,9 +116,16 @@ def save_weights(model: Any, path: Path, *, shard_bytes: int = DEFAULT_SHARD_BYT
     of the model on the GPU (``save_pretrained`` clones parameters that share a buffer, as
     the flattened ones do: +16 GiB for an 8B model) and no whole-model copy in host memory
     (``safetensors.torch.save_file`` serialises every tensor before writing).
+
+    A sharded (FSDP2) model's tensors are gathered one at a time: every rank calls this, in
+    the same order, and only the one with ``write`` writes.
     """
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not _is_tied(model, k)}
+    if not write:
+        for t in state.values():
+            D.full_tensor(t)
+        return []
+    path.mkdir(parents=True, exist_ok=True)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in state.items():
@@ -133,7 +165,7 @@ def _write_safetensors(file: Path, items: list[tuple[str, torch.Tensor]]) -> Pat
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
         for _, t in items:
-            host = t.detach().to("cpu").contiguous()
+            host = D.full_tensor(t.detach()).to("cpu").contiguous()
             if host.numel():
                 fh.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
             del host
@@ -153,7 +185,17 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: torch.optim.Optimiz
     else:
         _load_weights(model, path, device)
     opt = torch.load(path / records.OPTIMIZER_STATE, map_location=device, weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
+    if (path / SHARDED_OPTIMIZER).is_dir():  # written by several ranks: resharded to this run's
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        osd = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(osd, checkpoint_id=str(path / SHARDED_OPTIMIZER))
+        set_optimizer_state_dict(model, optimizer, osd["optimizer"])
+    elif D.is_sharded(model):
+        raise RuntimeError(f"checkpoint {path} was written by one trainer rank; resume it with trainer.processes = 1")
+    else:
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     rng = torch.load(path / records.RNG_STATE, weights_only=False)
     torch.set_rng_state(rng["torch"])
@@ -174,7 +216,13 @@ def _load_weights(model: Any, path: Path, device: torch.device | str) -> None:
     weights: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         weights.update(load_file(str(f), device=str(device)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if D.is_sharded(model):  # every rank reads the full weights and keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        res = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path}: missing {missing[:5]} unexpected {unexpected[:5]}")

@@ -195,6 +195,8 @@ class MultimodalRLConfig(BaseModel):
     lora: LoraSettings | None = Field(None, description="LoRA adapters (absent: full fine-tuning)")
     freeze_vision: bool = Field(False, description="never update the vision tower (with LoRA it is frozen anyway "
                                                    "unless target_modules reach it)")
+    fsdp_cpu_offload: bool = Field(False, description="several trainer ranks: keep parameters, gradients and "
+                                                     "optimizer state on the CPU between uses (FSDP2 offload)")
     torch_threads: int | None = Field(None, gt=0)
     eval_every: int = Field(0, ge=0)
     eval_size: int = Field(32, gt=0)
@@ -233,7 +235,24 @@ class TrainerConfig(RestartSettings):
 
     model_config = _CONFIG
     gpus: int = Field(0, ge=0, description="GPUs for the trainer (0 = CPU)")
+    processes: int | None = Field(None, gt=0, description="trainer ranks (torchrun, FSDP2); default: gpus, "
+                                                          "or 1 on CPU")
     args: MultimodalRLConfig = Field(default_factory=MultimodalRLConfig)
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "TrainerConfig":
+        if self.processes is not None and self.gpus and self.processes != self.gpus:
+            raise ValueError(f"__processes__: is {self.processes} but gpus is {self.gpus}; on GPU each rank "
+                             "has one GPU (leave processes out, or make them equal)")
+        if self.ranks > 1 and self.args.lora is not None:
+            raise ValueError("__processes__: LoRA with several trainer ranks is not supported yet; "
+                             "use one rank (processes = 1) or full fine-tuning")
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """How many trainer processes run (torchrun's nproc-per-node)."""
+        return self.processes if self.processes is not None else max(self.gpus, 1)
 
 
 class RunConfig(BaseModel):

@@ -154,6 +154,7 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
     from backend.precision import precision_of
     from backend.trainer import MultimodalGRPOTrainer
     from backend.envs import build_env
+    from backend import distributed as D
 
     setup_logging(sys.stdout, timestamps=False)
     from transformers.utils import logging as hf_logging
@@ -176,6 +177,10 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
 
     env = build_env(cfg.env.id, cfg.env.args)
     device = trainer_device(args.device, cfg.trainer.gpus)
+    dist = D.init_from_env(torch.device(device).type, args.request_timeout_s)  # None with one rank
+    main = dist is None or dist.is_main
+    if dist is not None and torch.device(device).type == "cuda":
+        device = f"cuda:{dist.local_rank}"
     precision = precision_of(args.dtype, args.low_precision_update)
     t0 = time.perf_counter()
     # loaded straight into the dtype the weights are kept in (float32 master weights for autocast)
@@ -188,41 +193,54 @@ def train_main(cfg: VlmrlConfig, resume: bool = False) -> int:
     adapter = adapter_for(model.config, args.adapter, processor=processor,
                           max_length=cfg.inference.args.max_model_len)
     banned = banned_token_ids(processor.tokenizer)
-    print(f"trainer: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
-          f"on {device}, adapter {adapter.name}, {precision.describe()}, loaded in {time.perf_counter() - t0:.1f}s",
-          flush=True)
+    ranks = f", {dist.world} ranks (FSDP2 over {dist.backend})" if dist is not None else ""
+    if main:
+        print(f"trainer: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
+              f"on {device}, adapter {adapter.name}, {precision.describe()}{ranks}, loaded in "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
 
-    url = server_url(cfg)
-    wait_for_health(url, timeout_s=cfg.inference.startup_timeout_s)
-    client = RolloutClient(url, banned_ids=banned, max_concurrent=args.max_concurrent,
-                           timeout_s=args.request_timeout_s, retries=2)
-    sync = weight_sync_client(cfg, device, os.environ.get(contract.ENV_RUN_TOKEN))
+    client = sync = None
+    if main:  # rank 0 alone talks to the server (backend/distributed.py says why)
+        url = server_url(cfg)
+        wait_for_health(url, timeout_s=cfg.inference.startup_timeout_s)
+        client = RolloutClient(url, banned_ids=banned, max_concurrent=args.max_concurrent,
+                               timeout_s=args.request_timeout_s, retries=2)
+        sync = weight_sync_client(cfg, device, os.environ.get(contract.ENV_RUN_TOKEN))
     trainer = MultimodalGRPOTrainer(
         model, processor, adapter, args, env=env, rollout_source=client, weight_sync=sync, run_dir=rd.path,
-        ref_model=ref_model, banned_ids=banned,
+        ref_model=ref_model, banned_ids=banned, log=None if main else (lambda s: None), dist=dist,
     )
     trainer.identity = run_identity(cfg)
     if ckpt is not None:
         step = trainer.load_checkpoint(ckpt)
-        _reset_run_files(rd, step)
-        print(f"resumed from {ckpt} at step {step}", flush=True)
-    else:
+        if main:
+            _reset_run_files(rd, step)
+            print(f"resumed from {ckpt} at step {step}", flush=True)
+    elif main:
         if resume:
             print(f"no complete checkpoint in {rd.checkpoints_dir}; starting from step 0", flush=True)
         _reset_run_files(rd, 0)
     try:
+        if not main:
+            trainer.follow()
+            return 0
+        assert sync is not None
         sync.init()
         if trainer.step > 0:
             trainer.sync_weights()  # the server may hold other weights than the checkpoint
         trainer.train()
     except KeyboardInterrupt:
-        print("trainer: interrupted", flush=True)
+        if main:
+            print("trainer: interrupted", flush=True)
         return 130
     finally:
         try:
-            sync.close()
+            if sync is not None:
+                sync.close()
         except Exception as e:  # noqa: BLE001 - closing must not hide the real error
             log.warning("closing weight sync: %s", e)
-        client.close()
+        if client is not None:
+            client.close()
+        D.close(dist)
     print(f"trainer: done, {trainer.step} steps, final checkpoint {rd.checkpoint(trainer.step)}", flush=True)
     return 0

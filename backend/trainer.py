@@ -20,7 +20,6 @@ then temperature; backend/logprobs.py), so the ratio compares like with like.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -30,14 +29,15 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import torch
 
 from backend import checkpoint
+from backend import distributed as D
 from backend import records as rec
-from backend.adapters.base import DroppedRollout, MultimodalAdapter, MultimodalBatch, ProcessorAdapter, iter_chunks
+from backend.adapters.base import MultimodalAdapter
 from backend.config import MultimodalRLConfig
 from backend.errors import VlmrlError
 from backend.logprobs import token_logprobs
 from backend.lora import dropout_modules, is_lora, merged_weights, prepare_model
-from backend.models import enable_gradient_checkpointing, layers_training
-from backend.loss import LossStats, group_advantages, grpo_loss
+from backend.models import enable_gradient_checkpointing
+from backend.loss import group_advantages
 from backend.optim import make_optimizer
 from backend.precision import Precision, precision_of
 from backend.rollout_types import Rollout, RolloutSource
@@ -51,9 +51,10 @@ class WeightSink(Protocol):
     """Where weights go after an update: ``backend.weight_sync.WeightSyncClient``."""
 
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-             dtype: torch.dtype | None = None) -> Any:
+             dtype: torch.dtype | None = None, materialize: Callable[..., Any] | None = None) -> Any:
         """Push the weights as ``version`` (floating tensors cast to ``dtype`` when given, bucket
-        by bucket); raise :class:`VlmrlError` when it fails."""
+        by bucket, each bucket's items through ``materialize`` first); raise :class:`VlmrlError`
+        when it fails."""
 
     def reconnect(self, timeout_s: float | None = None) -> Any:
         """Join the server again after it restarted or the sync broke (it then holds its
@@ -106,6 +107,7 @@ class MultimodalGRPOTrainer:
         ref_model: Any = None,
         banned_ids: Sequence[int] | None = None,
         log: Callable[[str], None] | None = None,
+        dist: D.DistInfo | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -116,6 +118,7 @@ class MultimodalGRPOTrainer:
         self.run_dir = RunDirectory(run_dir) if run_dir is not None else None
         self.log = log or (lambda s: print(s, flush=True))
         self.device = next(model.parameters()).device
+        self.dist = dist
         self.precision: Precision = precision_of(config.dtype, config.low_precision_update)
         # LoRA under autocast: the frozen base needs no float32 master copy, only the adapters do
         keep = self.precision.compute_dtype if config.lora is not None else self.precision.param_dtype
@@ -139,6 +142,9 @@ class MultimodalGRPOTrainer:
 
             rollout_source = InProcessRolloutSource(model, processor, banned_ids=self.banned_ids)
         self.rollout_source = rollout_source
+        if dist is not None and dist.is_main and rollout_source.shares_model:
+            raise VlmrlError("several trainer ranks need a server to sample (a sharded model cannot generate on "
+                             "rank 0 alone): pass rollout_source=RolloutClient(...)")
         if config.beta > 0 and ref_model is None:
             import copy
 
@@ -148,7 +154,11 @@ class MultimodalGRPOTrainer:
             self.ref_model.eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
-        if weight_sync is not None and not is_lora(model):  # LoRA sends fresh merged tensors: nothing to flatten
+        if dist is not None:
+            if is_lora(model):
+                raise VlmrlError("LoRA with several trainer ranks is not supported yet: set trainer.processes = 1")
+            D.shard_model(model, dist, cpu_offload=config.fsdp_cpu_offload)
+        elif weight_sync is not None and not is_lora(model):  # LoRA sends fresh merged tensors: nothing to flatten
             self._flatten_parameters()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(self.params, config, self.precision)
@@ -199,92 +209,43 @@ class MultimodalGRPOTrainer:
     def train_step(self, rollouts: Sequence[Rollout]) -> dict[str, Any]:
         """One optimizer step on ``rollouts`` (advantages computed here). Returns metrics.
 
-        With ``beta == 0`` a sequence with zero advantage has zero gradient, so it is not
-        forwarded at all (most groups early and late in training); it still counts in the
-        loss denominator, so the update equals the one of the full batch. Per-token metrics
-        (ir, entropy, clip/masked fractions, KLs) are then those of the trained sequences.
-        """
-        cfg = self.config
-        self.compute_advantages(rollouts)
-        dropped: list[DroppedRollout] = []
-        todo: list[Rollout] = list(rollouts)
-        denom_tokens = denom_seqs = None
-        if cfg.beta == 0 and isinstance(self.adapter, ProcessorAdapter):
-            valid, dropped = self.adapter.validate(rollouts)
-            denom_tokens = sum(len(r.completion_ids) for r in valid)
-            denom_seqs = len(valid)
-            todo = [r for r in valid if r.advantage]
-        batches: list[MultimodalBatch] = []
-        for chunk in iter_chunks(todo, cfg.micro_batch_size):
-            mb = self.adapter.build_batch(chunk)
-            dropped.extend(mb.dropped)
-            if len(mb):
-                batches.append(mb.to(self.device))
-        if denom_tokens is None or denom_seqs is None:
-            denom_tokens = sum(mb.num_loss_tokens for mb in batches)
-            denom_seqs = sum(len(mb) for mb in batches)
-        denom = float(denom_tokens if cfg.loss_agg == "token" else denom_seqs)
-        stats = LossStats()
-        loss_sum = 0.0
-        seq_tokens = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        for mb in batches:
-            with self.precision.forward_context(self.device), layers_training(self._ckpt_layers):
-                logprobs, entropy = token_logprobs(
-                    self.model, self.adapter, mb, temperature=cfg.temperature, bias=self.bias, with_entropy=True
-                )
-            ref_lp = None
-            if self.ref_model is not None:
-                with torch.no_grad(), self.precision.forward_context(self.device):
-                    ref_lp, _ = token_logprobs(
-                        self.ref_model, self.adapter, mb, temperature=cfg.temperature, bias=self.bias
-                    )
-            out = grpo_loss(
-                logprobs, mb.behavior_logprobs, mb.advantages, mb.loss_mask,
-                clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-                mask_ratio_low=cfg.mask_ratio_low, mask_ratio_high=cfg.mask_ratio_high,
-                ref_logprobs=ref_lp, beta=cfg.beta, agg=cfg.loss_agg, denominator=denom, entropy=entropy,
-            )
-            (self.scaler.scale(out.loss) if self.scaler is not None else out.loss).backward()
-            loss_sum += float(out.loss.detach())
-            stats.merge(out.stats)
-            seq_tokens += mb.num_tokens
-        has_data = denom_seqs > 0
-        if has_data and not batches:
-            for p in self.params:  # what a batch of zero advantages gives: AdamW still steps
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        if has_data and self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)) if has_data else 0.0
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        if has_data and self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update when the scale overflowed, then lowers it
-            self.scaler.update()
-        elif has_data and math.isfinite(grad_norm):
-            self.optimizer.step()
-        elif has_data:
-            self.log(f"step {self.step + 1}: non-finite grad norm, update skipped")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
-        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
-        episodes = [len(r.turns) for r in rollouts if r.is_episode]
-        extra = {rec.TURNS: sum(episodes) / len(episodes)} if episodes else {}
-        return {
-            rec.LOSS: loss_sum,
-            rec.REWARD_MEAN: float(rewards.mean()) if len(rewards) else float("nan"),
-            rec.REWARD_STD: float(rewards.std(unbiased=False)) if len(rewards) else float("nan"),
-            **stats.summary(),
-            rec.GRAD_NORM: grad_norm,
-            rec.LR: lr,
-            rec.NUM_ROLLOUTS: len(rollouts),
-            rec.DROPPED: len(dropped),
-            rec.LOSS_TOKENS: int(denom_tokens),
-            rec.TRAINED_SEQUENCES: int(stats.sequences),
-            rec.TOKENS: seq_tokens,
-            **extra,
-        }
+        See :mod:`backend.trainstep` (zero-advantage sequences, several ranks)."""
+        from backend.trainstep import grpo_step
+
+        if self.dist is not None and self.dist.is_main:
+            D.broadcast_command(D.Command(D.CMD_STEP, list(rollouts)), self.dist)  # the others train their share
+        return grpo_step(self, rollouts)
+
+    def follow(self) -> None:
+        """On a rank other than 0: do what rank 0 broadcasts (train, push, save) until it stops."""
+        assert self.dist is not None and not self.dist.is_main
+        while True:
+            cmd = D.broadcast_command(None, self.dist)
+            if cmd.kind == D.CMD_STEP:
+                self.train_step(cmd.payload)
+            elif cmd.kind == D.CMD_PUSH:
+                bucket_bytes, dtype = cmd.payload
+                self._gather_buckets(bucket_bytes, dtype, 0)
+            elif cmd.kind == D.CMD_SAVE:
+                self.save_checkpoint()
+            elif cmd.kind == D.CMD_STOP:
+                return
+            else:
+                raise RuntimeError(f"rank {self.dist.rank}: unknown command {cmd.kind!r}")
+
+    def stop_followers(self) -> None:
+        """Rank 0: let the other ranks leave :meth:`follow`."""
+        if self.dist is not None and self.dist.is_main:
+            D.broadcast_command(D.Command(D.CMD_STOP), self.dist)
+
+    def _gather_buckets(self, bucket_bytes: int, dtype: torch.dtype | None, done: int) -> None:
+        """Gather the full weights bucket by bucket from bucket ``done`` on, as rank 0's sync
+        does while it sends them (the same plan, so the same collectives in the same order)."""
+        from backend.weight_sync import plan_buckets
+
+        for items in plan_buckets(self.named_weights(), bucket_bytes, dtype)[done:]:
+            for _, t in items:
+                D.full_tensor(t)
 
     def sync_weights(self) -> float:
         """Push the current weights to the server (version = step). Returns seconds taken."""
@@ -298,13 +259,33 @@ class MultimodalGRPOTrainer:
         return time.perf_counter() - t0
 
     def _push(self) -> None:
-        """Send the current weights as version ``step``; the server then holds them."""
+        """Send the current weights as version ``step``; the server then holds them.
+
+        Sharded: every rank gathers each bucket's full tensors as rank 0 packs it (and, if the
+        sync fails half-way, the rest too, so the ranks stay in step); memory above the shard
+        is about one bucket."""
         assert self.weight_sync is not None
+        # master weights are wider than what the server computes in
+        dtype = self.precision.compute_dtype if self.precision.autocast else None
         with torch.no_grad():
-            if self.precision.autocast:  # master weights are wider than what the server computes in
-                self.weight_sync.sync(self.named_weights(), version=self.step, dtype=self.precision.compute_dtype)
+            if self.dist is None:
+                extra = {"dtype": dtype} if dtype is not None else {}
+                self.weight_sync.sync(self.named_weights(), version=self.step, **extra)
             else:
-                self.weight_sync.sync(self.named_weights(), version=self.step)
+                bucket_bytes = int(getattr(self.weight_sync, "bucket_bytes"))
+                D.broadcast_command(D.Command(D.CMD_PUSH, (bucket_bytes, dtype)), self.dist)
+                gathered = 0
+
+                def materialize(items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+                    nonlocal gathered
+                    gathered += 1
+                    return [(n, D.full_tensor(t)) for n, t in items]
+
+                try:
+                    self.weight_sync.sync(self.named_weights(), version=self.step, dtype=dtype,
+                                          materialize=materialize)
+                finally:
+                    self._gather_buckets(bucket_bytes, dtype, gathered)
         self.server_version = self.step
 
     def _rejoin(self, why: str) -> None:
@@ -353,6 +334,8 @@ class MultimodalGRPOTrainer:
         """Run steps ``self.step + 1 .. max_steps``; returns the metrics of each step."""
         if self.env is None:
             raise RuntimeError("no environment: pass env= or call set_environment()")
+        if self.dist is not None and not self.dist.is_main:
+            raise RuntimeError("train() runs on rank 0; the other ranks call follow()")
         cfg = self.config
         if self.run_dir is not None:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -402,6 +385,7 @@ class MultimodalGRPOTrainer:
             if self.run_dir is not None and last_saved != self.step and not checkpoint_complete(
                     self.run_dir.checkpoint(self.step)):
                 self.save_checkpoint()
+            self.stop_followers()
         finally:
             try:
                 if self._rollout_writer is not None:
@@ -463,10 +447,13 @@ class MultimodalGRPOTrainer:
         assert self.run_dir is not None, "save_checkpoint needs a run_dir"
         if self._rollout_writer is not None:
             self._rollout_writer.drain()
+        if self.dist is not None and self.dist.is_main:
+            D.broadcast_command(D.Command(D.CMD_SAVE), self.dist)  # every rank writes its shard
         state = rec.TrainerState(self.step, self.config.model_dump(mode="json"), self.identity)
         path = checkpoint.save_checkpoint(self.run_dir, self.model, self.processor, self.optimizer, self.scheduler,
-                                          state)
-        self.log(f"checkpoint step {self.step}: {path}")
+                                          state, self.dist)
+        if self.dist is None or self.dist.is_main:
+            self.log(f"checkpoint step {self.step}: {path}")
         return path
 
     def load_checkpoint(self, path: str | Path) -> int:

@@ -28,6 +28,8 @@ LONG_FILES: dict[str, str] = {
                                "proctree.py, the run.json schema in backend/records.py",
     "backend/records.py": "the whole run-directory schema (file names, run.json, metric, rollout, eval and "
                           "checkpoint records) in the one module that owns it",
+    "backend/config.py": "the whole config schema (every table and key with its validation, the loader and "
+                         "overrides) in the one module that owns it",
 }
 MAX_LINES = 500
 

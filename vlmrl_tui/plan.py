@@ -264,6 +264,9 @@ def build_plan(
     else:
         server_argv = [py, "-m", "vlmrl_tui.cli", "serve", str(config_file)]
     trainer_argv = [py, "-m", "vlmrl_tui.cli", "train", str(config_file)]
+    if cfg.trainer.ranks > 1:  # torchrun starts the ranks; its tree is the trainer (stopped as one)
+        trainer_argv = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                        str(cfg.trainer.ranks), "-m", "vlmrl_tui.cli", "train", str(config_file)]
     restart_trainer = trainer_argv + ["--resume"]
     if resume:
         trainer_argv = list(restart_trainer)

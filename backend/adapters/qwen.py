@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from backend.adapters.base import MultimodalBatch, ProcessorAdapter, PromptEncoding
+from backend.distributed import is_sharded
 
 
 class QwenVLAdapter(ProcessorAdapter):
@@ -56,6 +57,7 @@ class QwenVLAdapter(ProcessorAdapter):
         if (
             idx is None or pv is None or grid is None or int(idx.max()) + 1 == idx.numel()
             or not hasattr(base, "get_image_features") or not _takes_encoder_outputs(model)
+            or is_sharded(model)  # FSDP2 gathers parameters in the root's forward: no side entrance
         ):
             return model(**inputs, **kwargs)
         # the first slot of each distinct image, in distinct-image order

@@ -249,11 +249,16 @@ class WeightSyncClient:
                 time.sleep(1.0)
 
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
-             dtype: torch.dtype | None = None) -> SyncStats:
+             dtype: torch.dtype | None = None,
+             materialize: Callable[[list[tuple[str, torch.Tensor]]], list[tuple[str, torch.Tensor]]] | None = None,
+             ) -> SyncStats:
         """Push ``named_tensors`` as weight version ``version``; raise on any failure.
 
         ``dtype``: send floating-point tensors as this dtype (e.g. the server's bf16 while the
         trainer keeps fp32 master weights), cast bucket by bucket while packing.
+        ``materialize``: called on each bucket's items just before they are packed, in bucket
+        order (a sharded trainer gathers the full tensors there, one bucket at a time); the
+        buckets are planned from the tensors' shapes and dtypes only.
         """
         if dtype is not None and (not dtype.is_floating_point or dtype_name(dtype) not in DTYPES):
             raise WeightSyncError(f"cannot send weights as {dtype}: expected a floating-point dtype among "
@@ -280,6 +285,8 @@ class WeightSyncClient:
 
         def pack(items: list[tuple[str, torch.Tensor]]) -> tuple[BucketSpec, torch.Tensor | None, torch.Tensor]:
             spec = spec_of(items, dtype)
+            if materialize is not None:
+                items = materialize(items)
             # Parameters already back to back go out as they lie, unless they must be cast.
             view = None if needs_cast(items, dtype) else contiguous_view(items, device)
             if view is not None:
@@ -316,6 +323,7 @@ class WeightSyncClient:
             if not self.pipelined:
                 self._check_ack(acks, j, len(buckets))
 
+        nxt: cf.Future[Any] | None = None
         try:
             nxt = self._pool.submit(pack, buckets[0]) if buckets else None
             if self.pipelined and buckets:
@@ -343,8 +351,10 @@ class WeightSyncClient:
             for j in range(len(acks)):
                 self._check_ack(acks, j, len(buckets))
         except WeightSyncError:
+            _settle(nxt)
             raise
         except Exception as e:  # noqa: BLE001
+            _settle(nxt)
             self._break()
             raise WeightSyncError(f"weight sync failed: {e}") from e
         self._post(contract.ROUTE_FINISH_WEIGHT_UPDATE, {"weight_version": int(version)})
@@ -366,6 +376,13 @@ class WeightSyncClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _settle(fut: cf.Future[Any] | None) -> None:
+    """Let a bucket being packed finish before the error goes up: its ``materialize`` may be
+    in a collective the caller has to count (a sharded trainer keeps its ranks in step)."""
+    if fut is not None:
+        cf.wait([fut])
 
 
 def _spawn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> cf.Future[Any]:
