@@ -155,3 +155,49 @@ def test_vlmrl_run_with_two_trainer_ranks_completes_and_leaves_no_process(tmp_pa
     assert (rd / "checkpoints" / "4" / "optimizer").is_dir() and (rd / "checkpoints" / "2" / "COMPLETE").is_file()
     info = json.loads((rd / "run.json").read_text())
     assert info["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_and_resume_continues_on_two_ranks(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """SIGINT to `vlmrl run` mid-run: the torchrun tree goes as one (no rank left), exit 130;
+    `--resume` continues from the last sharded checkpoint on two ranks again."""
+    import signal
+    import time
+
+    import tomli_w
+
+    from backend.config import read_toml
+
+    data = read_toml(ROOT / "configs" / "colors-tiny.toml")
+    data["inference"]["port"] = free_port()
+    data["trainer"]["processes"] = 2
+    data["trainer"]["args"].update(output_dir=str(tmp_path / "runs"), run_name="cc", max_steps=400, save_every=2)
+    cfg = tmp_path / "cc.toml"
+    cfg.write_text(tomli_w.dumps(data))
+    rd = tmp_path / "runs" / "cc"
+    p = subprocess.Popen([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (rd / "checkpoints" / "2" / "COMPLETE").is_file():
+            assert p.poll() is None and time.monotonic() < deadline, "no checkpoint 2"
+            time.sleep(0.5)
+        ranks = [c for c in psutil.Process(p.pid).children(recursive=True) if "vlmrl_tui.cli" in " ".join(c.cmdline())
+                 and "train" in c.cmdline()]
+        assert len(ranks) >= 2, [c.cmdline() for c in ranks]  # two ranks under torchrun
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, out[-3000:]
+    assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks)
+    data["trainer"]["args"]["max_steps"] = 6
+    cfg.write_text(tomli_w.dumps(data))
+    proc = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg), "--resume"], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    log = (rd / "logs" / "trainer.log").read_text()
+    assert "resumed from" in log and "2 ranks (FSDP2 over gloo)" in log
+    steps = [json.loads(x)["step"] for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and steps == sorted(set(steps))
