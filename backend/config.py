@@ -262,6 +262,36 @@ class RunConfig(BaseModel):
     stop_grace_s: float = Field(10.0, ge=0, description="SIGTERM -> SIGKILL delay")
     health_poll_s: float = Field(1.0, gt=0)
     share_gpus: bool = Field(False, description="allow server and trainer on the same GPUs")
+    launcher: Literal["local", "slurm"] = Field("local", description="'slurm': vlmrl run submits the run as a "
+                                                                     "SLURM job ([slurm] table), as --slurm does")
+
+
+class SlurmConfig(BaseModel):
+    """``[slurm]``: how ``vlmrl run --slurm`` asks SLURM for the run's nodes."""
+
+    model_config = _CONFIG
+    partition: str | None = None
+    account: str | None = None
+    time: str = Field("01:00:00", description="the job's time limit (sbatch --time)")
+    inference_nodes: int = Field(1, ge=1, description="nodes for the inference server")
+    trainer_nodes: int = Field(1, ge=1, description="nodes for the trainer (torchrun across them)")
+    gpus_per_node: int = Field(0, ge=0, description="sbatch --gpus-per-node (0: none asked)")
+    cpus_per_node: int | None = Field(None, ge=1, description="sbatch --cpus-per-task (one task per node)")
+    sbatch: list[str] = Field(default_factory=list, description="more sbatch options, e.g. '--qos=high'")
+    setup: list[str] = Field(default_factory=list, description="shell lines run first on the job's first node "
+                                                               "(module load, source a venv)")
+    socket_ifname: str | None = Field(None, description="network interface for NCCL and gloo between nodes "
+                                                        "(NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)")
+    rdzv_port: int = Field(29400, ge=1, le=65535, description="torchrun's rendezvous port on the first "
+                                                              "trainer node")
+
+    @field_validator("sbatch")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        for opt in v:
+            if not opt.startswith("-") or "\n" in opt:
+                raise ValueError(f"sbatch options look like '--qos=high', got {opt!r}")
+        return v
 
 
 class VlmrlConfig(BaseModel):
@@ -274,6 +304,7 @@ class VlmrlConfig(BaseModel):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     nccl: dict[str, str | int | bool] = Field(default_factory=dict)
     run: RunConfig = Field(default_factory=RunConfig)
+    slurm: SlurmConfig | None = None
 
     @field_validator("model")
     @classmethod

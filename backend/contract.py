@@ -44,4 +44,5 @@ TOKEN_HEADER = "Authorization"  # "Bearer <token>"
 ENV_RUN_TOKEN = "VLMRL_RUN_TOKEN"
 ENV_RUN_DIR = "VLMRL_RUN_DIR"
 ENV_SERVER_URL = "VLMRL_SERVER_URL"
+ENV_SYNC_HOST = "VLMRL_SYNC_HOST"  # the address the server reaches the trainer's weight-sync store at
 ENV_MODEL_CACHE = "VLMRL_CACHE_DIR"  # where builtin:tiny-* models are built

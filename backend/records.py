@@ -234,6 +234,8 @@ class RunInfo:
     processes: dict[str, ProcessInfo] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
     version: int = RUN_JSON_VERSION
+    slurm_job: str | None = None  # the SLURM job id of a run started by `vlmrl run --slurm`
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # process -> the nodes it runs on (SLURM)
 
     @property
     def finished(self) -> bool:
@@ -293,7 +295,9 @@ class RunInfo:
             failed_process=_opt_str(d, "failed_process", source), reason=_opt_str(d, "reason", source),
             stop_grace_s=_opt_num(d, "stop_grace_s", source),
             processes={str(n): ProcessInfo.from_json(str(n), p, source) for n, p in procs.items()},
-            history=entries, version=version,
+            history=entries, version=version, slurm_job=_opt_str(d, "slurm_job", source),
+            nodes={str(k): [str(n) for n in v] for k, v in (d.get("nodes") or {}).items() if isinstance(v, list)}
+            if isinstance(d.get("nodes"), dict) else {},
         )
 
     @classmethod

@@ -135,7 +135,7 @@ def weight_sync_client(cfg: VlmrlConfig, device: str, token: str | None) -> "Wei
     args = cfg.trainer.args
     backend = "nccl" if device == "cuda" else "gloo"
     return WeightSyncClient(
-        server_url(cfg), token, backend=backend, host="127.0.0.1",
+        server_url(cfg), token, backend=backend, host=os.environ.get(contract.ENV_SYNC_HOST) or "127.0.0.1",
         port=args.sync_port, bucket_bytes=args.bucket_bytes(backend), timeout_s=args.request_timeout_s,
         server_ranks=server_ranks(cfg) if cfg.inference.engine == "vllm" else 1,
     )

@@ -35,6 +35,12 @@ def test_shipped_configs_validate(name: str) -> None:
     assert cfg.nccl_env() == ({"NCCL_P2P_DISABLE": "1"} if name == "colors-tiny.toml" else {})
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_names_its_own_run(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.run_name == path.stem  # runs/<config name>: one config, one run directory
+
+
 def test_seed_config_keys_are_accepted_and_legacy_keys_mapped(tmp_path: Path) -> None:
     # The vf-rl quickstart's [trainer.args] table, verbatim.
     text = BASE + """

@@ -133,16 +133,29 @@ def run(
     overrides: Optional[List[str]] = OverridesArg,
     name: Optional[str] = typer.Option(None, help="run name (directory under output dir)"),
     output_dir: Optional[Path] = typer.Option(None, help="parent directory of runs"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and exit"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (with --slurm: the sbatch script) and exit"),
     resume: bool = typer.Option(False, "--resume", help="trainer continues from the latest checkpoint"),
+    slurm: bool = typer.Option(False, "--slurm", help="submit the run as a SLURM job ([slurm] table) and watch it"),
+    slurm_job: bool = typer.Option(False, "--slurm-job", hidden=True, help="inside the job: place processes with srun"),
 ) -> None:
     """Launch server and trainer under one supervisor, headless; progress on stdout."""
-    from vlmrl_tui.headless import run_headless
-
     from backend.config import location_overrides
 
-    cfg = _load(config, [*(overrides or []), *location_overrides(name, output_dir)])
-    code = run_headless(cfg, config_path=config, dry_run=dry_run, resume=resume)
+    all_overrides = [*(overrides or []), *location_overrides(name, output_dir)]
+    cfg = _load(config, all_overrides)
+    if slurm_job:
+        from vlmrl_tui.headless import run_headless
+        from vlmrl_tui.slurm import inside_placement
+
+        code = run_headless(cfg, config_path=config, resume=resume, placement=inside_placement(cfg))
+    elif slurm or cfg.run.launcher == "slurm":
+        from vlmrl_tui.slurm import submit_run
+
+        code = submit_run(cfg, config, all_overrides, dry_run=dry_run, resume=resume)
+    else:
+        from vlmrl_tui.headless import run_headless
+
+        code = run_headless(cfg, config_path=config, dry_run=dry_run, resume=resume)
     raise typer.Exit(code)
 
 

@@ -46,7 +46,7 @@ from backend.records import (
     step_line,
 )
 from backend.rundir import RunDirectory, last_lines
-from vlmrl_tui.plan import RunPlan, build_plan, format_plan, run_dir_problem
+from vlmrl_tui.plan import Placement, RunPlan, build_plan, format_plan, run_dir_problem
 from vlmrl_tui.proctree import supervisor_alive
 from vlmrl_tui.supervisor import LOG_TAIL_LINES, Supervisor, SupervisorEvent
 from vlmrl_tui.watch import RunFeed, strip_ansi
@@ -226,9 +226,11 @@ def eval_line(ev: EvalRecord) -> str:
 # ----- vlmrl run -----
 
 
-def run_headless(cfg: VlmrlConfig, config_path: str | Path | None, dry_run: bool = False, resume: bool = False) -> int:
-    """``vlmrl run``: plan, preflight, supervise; returns the exit code."""
-    plan = build_plan(cfg, config_path, resume=resume)
+def run_headless(cfg: VlmrlConfig, config_path: str | Path | None, dry_run: bool = False, resume: bool = False,
+                 placement: Placement | None = None) -> int:
+    """``vlmrl run``: plan, preflight, supervise; returns the exit code (``placement``: inside
+    a SLURM job, vlmrl_tui/slurm.py)."""
+    plan = build_plan(cfg, config_path, resume=resume, placement=placement)
     if dry_run:
         print(format_plan(plan))
         return 0

@@ -22,7 +22,7 @@ import os
 import secrets
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -96,6 +96,8 @@ class RunPlan:
     health_poll_s: float = 1.0
     resume: bool = False
     max_steps: int = 0
+    slurm_job: str | None = None  # inside a SLURM job: its id
+    nodes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # process -> its SLURM nodes
 
     def process(self, name: str) -> ProcessSpec:
         for p in self.processes:
@@ -120,6 +122,24 @@ class RunPlan:
 
     def without_process(self, name: str) -> "RunPlan":
         return replace(self, processes=tuple(p for p in self.processes if p.name != name))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Inside a SLURM job: which nodes run what, and the addresses the others reach them by
+    (``vlmrl_tui/slurm.py`` finds them)."""
+
+    job_id: str
+    server_nodes: tuple[str, ...]
+    trainer_nodes: tuple[str, ...]
+    server_addr: str
+    trainer_addr: str
+
+
+def srun_prefix(nodes: Sequence[str]) -> list[str]:
+    """``srun`` for one task on each of ``nodes`` (signals forwarded; the step dies as a whole)."""
+    return ["srun", f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}", "--ntasks-per-node=1",
+            f"--nodelist={','.join(nodes)}", "--kill-on-bad-exit=1", "--export=ALL", "--unbuffered"]
 
 
 def gpus_needed(n_server: int, n_trainer: int, share: bool) -> int:
@@ -224,12 +244,15 @@ def build_plan(
     sync_port: int | None = None,
     cwd: str | Path | None = None,
     python: str | None = None,
+    placement: Placement | None = None,
 ) -> RunPlan:
     """The plan for ``cfg``: resolved config, environment and the process specs.
 
     Pure apart from picking a free weight-sync port when neither ``sync_port`` nor
     ``trainer.args.sync_port`` gives one. Raises :class:`ConfigError` for settings that
-    cannot run.
+    cannot run. With ``placement`` (inside a SLURM job) the server and the trainer are
+    started with ``srun`` on their nodes, the trainer's ranks by torchrun's c10d rendezvous
+    on its first node; SLURM, not the plan, gives each its GPUs.
     """
     base = dict(os.environ if base_env is None else base_env)
     work = Path(cwd if cwd is not None else os.getcwd()).resolve()
@@ -245,7 +268,10 @@ def build_plan(
     run_dir = (work / cfg.run_dir()).resolve()
     rd = RunDirectory(run_dir)
     config_file = rd.config
-    server_url = net.http_url(cfg.inference.host, cfg.inference.port)
+    if placement is not None and placement.server_addr not in net.LOOPBACK_HOSTS:
+        cfg.inference.host = "0.0.0.0"  # reached from the trainer's nodes (admin routes need the run token)
+    server_url = net.http_url(placement.server_addr if placement is not None else cfg.inference.host,
+                              cfg.inference.port)
 
     shared: dict[str, str] = {}
     shared.update(cfg.nccl_env())
@@ -264,15 +290,31 @@ def build_plan(
     else:
         server_argv = [py, "-m", "vlmrl_tui.cli", "serve", str(config_file)]
     trainer_argv = [py, "-m", "vlmrl_tui.cli", "train", str(config_file)]
-    if cfg.trainer.ranks > 1:  # torchrun starts the ranks; its tree is the trainer (stopped as one)
+    if placement is not None and (len(placement.trainer_nodes) > 1 or cfg.trainer.ranks > 1):
+        sl_port = cfg.slurm.rdzv_port if cfg.slurm is not None else 29400
+        trainer_argv = [py, "-m", "torch.distributed.run", f"--nnodes={len(placement.trainer_nodes)}",
+                        f"--nproc-per-node={cfg.trainer.ranks}", "--rdzv-backend=c10d",
+                        f"--rdzv-endpoint={placement.trainer_addr}:{sl_port}", f"--rdzv-id=vlmrl-{placement.job_id}",
+                        "-m", "vlmrl_tui.cli", "train", str(config_file)]
+    elif cfg.trainer.ranks > 1:  # torchrun starts the ranks; its tree is the trainer (stopped as one)
         trainer_argv = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                         str(cfg.trainer.ranks), "-m", "vlmrl_tui.cli", "train", str(config_file)]
+    if placement is not None:
+        server_argv = srun_prefix(placement.server_nodes) + list(server_argv)
+        trainer_argv = srun_prefix(placement.trainer_nodes) + trainer_argv
+        shared[contract.ENV_SYNC_HOST] = placement.trainer_addr
+        ifname = cfg.slurm.socket_ifname if cfg.slurm is not None else None
+        if ifname:
+            shared["NCCL_SOCKET_IFNAME"] = shared["GLOO_SOCKET_IFNAME"] = ifname
     restart_trainer = trainer_argv + ["--resume"]
     if resume:
         trainer_argv = list(restart_trainer)
 
-    server_gpus, trainer_gpus = split_gpus(cfg.inference.gpus, cfg.trainer.gpus, visible_gpus(base),
-                                           cfg.run.share_gpus, base.get("CUDA_VISIBLE_DEVICES"))
+    if placement is not None:
+        server_gpus, trainer_gpus = [], []  # SLURM gives each node's tasks their GPUs
+    else:
+        server_gpus, trainer_gpus = split_gpus(cfg.inference.gpus, cfg.trainer.gpus, visible_gpus(base),
+                                               cfg.run.share_gpus, base.get("CUDA_VISIBLE_DEVICES"))
     if set(server_gpus) & set(trainer_gpus):
         # NCCL >= 2.30 lets two ranks of one communicator share a GPU only when asked to
         shared.setdefault(MULTI_RANK_GPU_VAR, "1")
@@ -280,7 +322,8 @@ def build_plan(
     def env_for(gpus: list[str]) -> dict[str, str]:
         env = dict(base)
         env.update(shared)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        if placement is None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env
 
     inf = cfg.inference
@@ -341,6 +384,8 @@ def build_plan(
         health_poll_s=cfg.run.health_poll_s,
         resume=resume,
         max_steps=targs.max_steps,
+        slurm_job=placement.job_id if placement is not None else None,
+        nodes={} if placement is None else {PROC_SERVER: placement.server_nodes, PROC_TRAINER: placement.trainer_nodes},
     )
 
 

@@ -161,7 +161,14 @@ async def stop_processes(procs: list[psutil.Process], grace_s: float) -> None:
 
 
 def supervisor_alive(info: RunInfo) -> bool:
-    """Whether the supervisor that wrote ``info`` still runs (not a later owner of its pid)."""
+    """Whether the supervisor that wrote ``info`` still runs (not a later owner of its pid).
+
+    For a run inside a SLURM job, whether the job still runs (``squeue``): its supervisor
+    may live on a node whose processes this host cannot see."""
+    if info.slurm_job is not None:
+        from vlmrl_tui.slurmctl import job_running
+
+        return job_running(info.slurm_job)
     if info.supervisor_pid is None:
         return False
     try:

@@ -121,6 +121,7 @@ class Supervisor:
             supervisor_pid=os.getpid(), started_at=time.time(),
             ports={"server": plan.server_port, "sync": plan.sync_port}, server_url=plan.server_url,
             engine=plan.engine, model=plan.model, max_steps=plan.max_steps, stop_grace_s=self.grace_s,
+            slurm_job=plan.slurm_job, nodes={k: list(v) for k, v in plan.nodes.items()},
         )
         self._preexec = proctree.make_preexec()
         self._token = plan.shared_env.get(contract.ENV_RUN_TOKEN)
