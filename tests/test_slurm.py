@@ -200,3 +200,42 @@ def test_ctrl_c_on_the_submitting_run_cancels_the_job_on_every_node(cluster: dic
     while (_queue(cluster) or _leftovers(str(cfg))) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _queue(cluster) == "" and _leftovers(str(cfg)) == []
+
+
+def test_doctor_cluster_checks_that_need_no_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlmrl_tui.checks import FAIL, OK, SKIP, WARN
+    from vlmrl_tui.doctor_slurm import check_commands, check_ifname, check_shared_fs, mount_of
+
+    cfg = validate_config({"model": "m", "env": {"id": "colors"}, "trainer": {"args": {"output_dir": str(tmp_path)}},
+                           "slurm": {"socket_ifname": "lo"}})
+    assert cfg.slurm is not None
+    assert check_ifname(cfg.slurm).status == OK
+    bad = check_ifname(cfg.slurm.model_copy(update={"socket_ifname": "ib-nope"}))
+    assert bad.status == FAIL and "ib-nope is not an interface here" in bad.message and "lo" in bad.message
+    assert check_ifname(cfg.slurm.model_copy(update={"socket_ifname": None})).status == SKIP
+    mp, fstype = mount_of(tmp_path / "not" / "yet")
+    shared = check_shared_fs(cfg)
+    assert shared.status == WARN and fstype in shared.message and mp in shared.message
+    monkeypatch.setenv("PATH", str(tmp_path))
+    missing = check_commands()
+    assert missing.status == FAIL and "sbatch" in missing.message
+
+
+@pytest.mark.slow
+def test_doctor_asks_the_cluster_whether_it_takes_the_job(cluster: dict[str, str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from backend.config import load_config
+    from vlmrl_tui.checks import FAIL, OK
+    from vlmrl_tui.doctor_slurm import check_gpus_per_node, check_test_only
+
+    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
+    cfg = load_config(_config(tmp_path))
+    ok = check_test_only(cfg, None)
+    assert ok.status == OK and "n[1-2]" in ok.message and "debug" in ok.message
+    bad = check_test_only(load_config(_config(tmp_path, partition="gpu-nope")), None)
+    assert bad.status == FAIL and "refused" in bad.message
+    too_many = check_test_only(load_config(_config(tmp_path, trainer_nodes=5)), None)
+    assert too_many.status == FAIL
+    assert cfg.slurm is not None
+    gpus = check_gpus_per_node(cfg.slurm.model_copy(update={"gpus_per_node": 1}))
+    assert gpus.status == FAIL and "lists no GPUs" in gpus.message

@@ -359,6 +359,10 @@ def run_checks(
         results.append(check_env_id(cfg, fast_only))
         if plan is not None:
             results.append(check_run_dir(cfg, plan))
+        if cfg.slurm is not None or cfg.run.launcher == "slurm":
+            from vlmrl_tui.doctor_slurm import check_slurm
+
+            results += check_slurm(cfg)
     return results
 
 

@@ -14,7 +14,6 @@ login node (they ask ``squeue`` whether the job still runs).
 
 from __future__ import annotations
 
-import shlex
 import signal
 import sys
 import time
@@ -23,10 +22,8 @@ from typing import Sequence
 
 from backend.config import SlurmConfig, VlmrlConfig
 from vlmrl_tui.plan import Placement
-from vlmrl_tui.slurmctl import SlurmError, _run, job_running, node_addr
+from vlmrl_tui.slurmctl import JOB_OUTPUT, SBATCH_FILE, SlurmError, _run, inside_argv, job_running, node_addr, render_sbatch
 
-SBATCH_FILE = "slurm.sbatch"
-JOB_OUTPUT = "logs/slurm-%j.out"
 
 
 def placement(cfg: VlmrlConfig, job_id: str, nodelist: str) -> Placement:
@@ -40,33 +37,6 @@ def placement(cfg: VlmrlConfig, job_id: str, nodelist: str) -> Placement:
     server = tuple(nodes[: sl.inference_nodes])
     trainer = tuple(nodes[sl.inference_nodes : need])
     return Placement(job_id, server, trainer, node_addr(server[0]), node_addr(trainer[0]))
-
-
-def render_sbatch(cfg: VlmrlConfig, inside: Sequence[str], run_dir: Path, cwd: Path) -> str:
-    """The job script: ``#SBATCH`` lines from ``[slurm]``, its setup lines, then ``inside``."""
-    sl = cfg.slurm or SlurmConfig()
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=vlmrl-{cfg.run_name}",
-             f"#SBATCH --nodes={sl.inference_nodes + sl.trainer_nodes}", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --time={sl.time}", f"#SBATCH --output={run_dir / JOB_OUTPUT}",
-             f"#SBATCH --chdir={cwd}"]
-    if sl.partition:
-        lines.append(f"#SBATCH --partition={sl.partition}")
-    if sl.account:
-        lines.append(f"#SBATCH --account={sl.account}")
-    if sl.gpus_per_node:
-        lines.append(f"#SBATCH --gpus-per-node={sl.gpus_per_node}")
-    if sl.cpus_per_node:
-        lines.append(f"#SBATCH --cpus-per-task={sl.cpus_per_node}")
-    lines += [f"#SBATCH {opt}" for opt in sl.sbatch]
-    lines += ["", "# written by vlmrl run --slurm: the same supervisor, its processes placed on the nodes by srun",
-              "set -euo pipefail", *sl.setup, "exec " + shlex.join(inside), ""]
-    return "\n".join(lines)
-
-
-def inside_argv(config_path: Path, overrides: Sequence[str], resume: bool) -> list[str]:
-    """What the job runs on its first node: this ``vlmrl run`` again, placed by SLURM."""
-    argv = [sys.executable, "-m", "vlmrl_tui.cli", "run", str(config_path.resolve()), *overrides, "--slurm-job"]
-    return argv + (["--resume"] if resume else [])
 
 
 def submit(script: Path) -> str:

@@ -1,4 +1,4 @@
-"""SLURM's commands, asked from Python: whether a job runs, where a node is.
+"""SLURM's commands, asked from Python (whether a job runs, where a node is), and the job script.
 
 The low-level half of ``vlmrl run --slurm`` (vlmrl_tui/slurm.py), importing nothing of the
 launcher, so the process-tree helpers can ask whether a run's job still runs.
@@ -6,11 +6,18 @@ launcher, so the process-tree helpers can ask whether a run's job still runs.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from typing import Sequence
 
+from backend.config import SlurmConfig, VlmrlConfig
 from backend.errors import VlmrlError
+
+SBATCH_FILE = "slurm.sbatch"
+JOB_OUTPUT = "logs/slurm-%j.out"
 
 
 class SlurmError(VlmrlError):
@@ -47,4 +54,31 @@ def node_addr(node: str) -> str:
     return node
 
 
-__all__ = ["SlurmError", "job_running", "node_addr"]
+def render_sbatch(cfg: VlmrlConfig, inside: Sequence[str], run_dir: Path, cwd: Path) -> str:
+    """The job script: ``#SBATCH`` lines from ``[slurm]``, its setup lines, then ``inside``."""
+    sl = cfg.slurm or SlurmConfig()
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=vlmrl-{cfg.run_name}",
+             f"#SBATCH --nodes={sl.inference_nodes + sl.trainer_nodes}", "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --time={sl.time}", f"#SBATCH --output={run_dir / JOB_OUTPUT}",
+             f"#SBATCH --chdir={cwd}"]
+    if sl.partition:
+        lines.append(f"#SBATCH --partition={sl.partition}")
+    if sl.account:
+        lines.append(f"#SBATCH --account={sl.account}")
+    if sl.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={sl.gpus_per_node}")
+    if sl.cpus_per_node:
+        lines.append(f"#SBATCH --cpus-per-task={sl.cpus_per_node}")
+    lines += [f"#SBATCH {opt}" for opt in sl.sbatch]
+    lines += ["", "# written by vlmrl run --slurm: the same supervisor, its processes placed on the nodes by srun",
+              "set -euo pipefail", *sl.setup, "exec " + shlex.join(inside), ""]
+    return "\n".join(lines)
+
+
+def inside_argv(config_path: Path, overrides: Sequence[str], resume: bool) -> list[str]:
+    """What the job runs on its first node: this ``vlmrl run`` again, placed by SLURM."""
+    argv = [sys.executable, "-m", "vlmrl_tui.cli", "run", str(config_path.resolve()), *overrides, "--slurm-job"]
+    return argv + (["--resume"] if resume else [])
+
+
+__all__ = ["JOB_OUTPUT", "SBATCH_FILE", "SlurmError", "inside_argv", "job_running", "node_addr", "render_sbatch"]
