@@ -201,3 +201,35 @@ def test_ctrl_c_stops_every_rank_and_resume_continues_on_two_ranks(tmp_path: Pat
     assert "resumed from" in log and "2 ranks (FSDP2 over gloo)" in log
     steps = [json.loads(x)["step"] for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6 and steps == sorted(set(steps))
+
+
+@pytest.mark.slow
+def test_the_colour_job_learns_with_a_two_rank_trainer(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """configs/colors-tiny.toml with trainer.processes = 2 through `vlmrl run`: the real server,
+    weight sync from the sharded trainer after every step; one more seed before it fails, as the
+    one-rank learning proof allows (server sampling is not seeded)."""
+    import statistics
+
+    import tomli_w
+
+    from backend.config import read_toml
+
+    failed = []
+    for seed in (0, 1):
+        data = read_toml(ROOT / "configs" / "colors-tiny.toml")
+        data["inference"]["port"] = free_port()
+        data["trainer"]["processes"] = 2
+        data["trainer"]["args"].update(output_dir=str(tmp_path / f"runs{seed}"), run_name="two", seed=seed)
+        cfg = tmp_path / f"two{seed}.toml"
+        cfg.write_text(tomli_w.dumps(data))
+        proc = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg)], capture_output=True, text=True,
+                              timeout=900, cwd=tmp_path)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        rewards = [json.loads(x)["reward_mean"] for x in (tmp_path / f"runs{seed}" / "two" / "metrics.jsonl")
+                   .read_text().splitlines()]
+        first, last = statistics.mean(rewards[:10]), statistics.mean(rewards[-10:])
+        print(f"\n2-rank colors-tiny seed {seed}: {len(rewards)} steps, reward first 10 {first:.3f}, last 10 {last:.3f}")
+        if last >= 0.9 and first <= 0.35:
+            return
+        failed.append(f"seed {seed}: first 10 {first:.3f}, last 10 {last:.3f}")
+    pytest.fail("did not learn with 2 ranks: " + "; ".join(failed))
