@@ -35,6 +35,22 @@ def _run(model: Path, out: Path, ranks: int, *args: str) -> dict[str, Any]:
     return torch.load(out / "result.pt", weights_only=False)
 
 
+def _two_rank_config(tmp_path: Path, name: str, **trainer_args: Any) -> Path:
+    """``configs/colors-tiny.toml`` with two trainer ranks, a free port, runs under ``tmp_path``."""
+    import tomli_w
+
+    from backend.config import read_toml
+
+    data = read_toml(ROOT / "configs" / "colors-tiny.toml")
+    data["inference"]["port"] = free_port()
+    data["trainer"]["processes"] = 2
+    data["trainer"]["args"].update(output_dir=str(tmp_path / "runs"), run_name=name, **trainer_args)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -132,16 +148,7 @@ def test_the_plan_starts_the_ranks_with_torchrun(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_vlmrl_run_with_two_trainer_ranks_completes_and_leaves_no_process(tmp_path: Path,
                                                                           tiny_model_dir: Path) -> None:
-    import tomli_w
-
-    from backend.config import read_toml
-
-    data = read_toml(ROOT / "configs" / "colors-tiny.toml")
-    data["inference"]["port"] = free_port()
-    data["trainer"]["processes"] = 2
-    data["trainer"]["args"].update(output_dir=str(tmp_path / "runs"), run_name="two", max_steps=4, save_every=2)
-    cfg = tmp_path / "two.toml"
-    cfg.write_text(tomli_w.dumps(data))
+    cfg = _two_rank_config(tmp_path, "two", max_steps=4, save_every=2)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     proc = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg)], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
@@ -164,16 +171,7 @@ def test_ctrl_c_stops_every_rank_and_resume_continues_on_two_ranks(tmp_path: Pat
     import signal
     import time
 
-    import tomli_w
-
-    from backend.config import read_toml
-
-    data = read_toml(ROOT / "configs" / "colors-tiny.toml")
-    data["inference"]["port"] = free_port()
-    data["trainer"]["processes"] = 2
-    data["trainer"]["args"].update(output_dir=str(tmp_path / "runs"), run_name="cc", max_steps=400, save_every=2)
-    cfg = tmp_path / "cc.toml"
-    cfg.write_text(tomli_w.dumps(data))
+    cfg = _two_rank_config(tmp_path, "cc", max_steps=400, save_every=2)
     rd = tmp_path / "runs" / "cc"
     p = subprocess.Popen([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg)], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
@@ -192,8 +190,7 @@ def test_ctrl_c_stops_every_rank_and_resume_continues_on_two_ranks(tmp_path: Pat
             p.kill()
     assert p.returncode == 130, out[-3000:]
     assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks)
-    data["trainer"]["args"]["max_steps"] = 6
-    cfg.write_text(tomli_w.dumps(data))
+    cfg.write_text(cfg.read_text().replace("max_steps = 400", "max_steps = 6"))
     proc = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg), "--resume"], capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -210,22 +207,13 @@ def test_the_colour_job_learns_with_a_two_rank_trainer(tmp_path: Path, tiny_mode
     one-rank learning proof allows (server sampling is not seeded)."""
     import statistics
 
-    import tomli_w
-
-    from backend.config import read_toml
-
     failed = []
     for seed in (0, 1):
-        data = read_toml(ROOT / "configs" / "colors-tiny.toml")
-        data["inference"]["port"] = free_port()
-        data["trainer"]["processes"] = 2
-        data["trainer"]["args"].update(output_dir=str(tmp_path / f"runs{seed}"), run_name="two", seed=seed)
-        cfg = tmp_path / f"two{seed}.toml"
-        cfg.write_text(tomli_w.dumps(data))
+        cfg = _two_rank_config(tmp_path / f"seed{seed}", "two", seed=seed)
         proc = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg)], capture_output=True, text=True,
                               timeout=900, cwd=tmp_path)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        rewards = [json.loads(x)["reward_mean"] for x in (tmp_path / f"runs{seed}" / "two" / "metrics.jsonl")
+        rewards = [json.loads(x)["reward_mean"] for x in (tmp_path / f"seed{seed}" / "runs" / "two" / "metrics.jsonl")
                    .read_text().splitlines()]
         first, last = statistics.mean(rewards[:10]), statistics.mean(rewards[-10:])
         print(f"\n2-rank colors-tiny seed {seed}: {len(rewards)} steps, reward first 10 {first:.3f}, last 10 {last:.3f}")
