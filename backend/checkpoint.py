@@ -30,7 +30,6 @@ from backend import distributed as D
 from backend import lora, records
 from backend.rundir import RunDirectory, checkpoint_complete, write_json_atomic
 
-SHARDED_OPTIMIZER = "optimizer"  # in a checkpoint of several ranks: torch.distributed.checkpoint folder
 
 
 def _numpy_rng_state() -> Any:
@@ -70,7 +69,7 @@ def save_checkpoint(run_dir: RunDirectory, model: Any, processor: Any, optimizer
 
         tdist.barrier()  # the folder exists before any rank writes into it
         save_weights(model, path, write=main)
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path / SHARDED_OPTIMIZER))
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path / records.SHARDED_OPTIMIZER))
         tdist.barrier()  # every shard is on disk before rank 0 marks the checkpoint whole
         if not main:
             return final
@@ -185,12 +184,12 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: torch.optim.Optimiz
     else:
         _load_weights(model, path, device)
     opt = torch.load(path / records.OPTIMIZER_STATE, map_location=device, weights_only=False)
-    if (path / SHARDED_OPTIMIZER).is_dir():  # written by several ranks: resharded to this run's
+    if (path / records.SHARDED_OPTIMIZER).is_dir():  # written by several ranks: resharded to this run's
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         osd = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(osd, checkpoint_id=str(path / SHARDED_OPTIMIZER))
+        dcp.load(osd, checkpoint_id=str(path / records.SHARDED_OPTIMIZER))
         set_optimizer_state_dict(model, optimizer, osd["optimizer"])
     elif D.is_sharded(model):
         raise RuntimeError(f"checkpoint {path} was written by one trainer rank; resume it with trainer.processes = 1")

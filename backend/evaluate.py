@@ -12,7 +12,6 @@ signatures, so tests and benchmarks can drive the trainer without an inference s
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from backend.rollout_types import Rollout, Turn
+from backend.rollout_types import Rollout, Turn, episode_end_reason, episode_example_id
 from backend.sampling import banned_token_ids, bias_vector, end_of_turn_ids, logit_bias_for, processed_logprobs
 from environments.base import Environment, Example, MultiTurnEnvironment
 
@@ -170,8 +169,6 @@ class InProcessRolloutSource:
         ``max_context`` is not checked here (no server counts the prompt's tokens); the
         trainer's batch builder cuts an overlong episode at a turn boundary.
         """
-        from backend.rollout import episode_example_id
-
         if top_p != 1.0:
             raise ValueError("InProcessRolloutSource samples with top_p = 1 only")
         episodes = [(g, j, env.reset(seed)) for g, seed in enumerate(seeds) for j in range(n)]
@@ -190,9 +187,7 @@ class InProcessRolloutSource:
                     text = tok.decode(ids, skip_special_tokens=True)
                     end = len(ep.messages)
                     tr = env.step(ep, text)
-                    turns[i].append(Turn(prompt_end=end, completion=text, completion_ids=ids, behavior_logprobs=lps,
-                                         finish_reason=reason, reward=float(tr.score.reward),
-                                         reward_parts=dict(tr.score.parts), info=dict(tr.info)))
+                    turns[i].append(Turn.played(end, text, ids, lps, reason, tr))
                 active = [i for i in active if not episodes[i][2].done]
         finally:
             self.model.train(was_training)
@@ -200,7 +195,7 @@ class InProcessRolloutSource:
             Rollout.from_turns(
                 turns[k], example_id=episode_example_id(env.id, ep.seed), group=g, messages=ep.messages,
                 images=ep.images, step=step, index=g * n + j,
-                end_reason="max_turns" if ep.turn >= env.max_turns else "done", summary=dict(env.summary(ep)),
+                end_reason=episode_end_reason(env, ep), summary=dict(env.summary(ep)),
             )
             for k, (g, j, ep) in enumerate(episodes)
         ]
@@ -331,8 +326,7 @@ def eval_client_main(cfg: Any, server_url: str, *, count: int, start: int = 0, l
     print(f"eval {label}: mean reward {res.mean:.3f} (std {res.std:.3f}) on {res.n} {kind} in {res.seconds:.1f}s",
           flush=True)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_suffix(output.suffix + ".tmp")
-        tmp.write_text(json.dumps(res.to_json(), indent=1) + "\n")
-        tmp.replace(output)
+        from backend.rundir import write_json_atomic
+
+        write_json_atomic(output, res.to_json(), sort_keys=False)  # per-seed scores in split order
     return 0

@@ -33,6 +33,10 @@ RUN_FILE = "run.json"  # supervisor state (RunInfo)
 METRICS_FILE = "metrics.jsonl"  # one MetricRecord per optimizer step
 ROLLOUTS_FILE = "rollouts.jsonl"  # one RolloutRecord per rollout
 EVAL_FILE = "eval.jsonl"  # one line per held-out evaluation
+EVAL_SCORES_FILE = "eval.json"  # `vlmrl eval`: every scored model side by side
+EVAL_RUNS_DIR = "eval"  # eval/<model>/: the supervised server of each model `vlmrl eval` scored
+SBATCH_FILE = "slurm.sbatch"  # `vlmrl run --slurm`: the job script it submitted
+SLURM_OUTPUT = "slurm-%j.out"  # in logs/: the job's own output (%j: SLURM's job id)
 LOGS_DIR = "logs"  # logs/<process>.log
 LOG_SUFFIX = ".log"
 ROLLOUT_IMAGES_DIR = "rollouts"  # rollouts/<step>/<example>-<k>.png
@@ -42,6 +46,7 @@ CHECKPOINT_MARKER = "COMPLETE"  # written last: a checkpoint without it is ignor
 TRAINER_STATE = "trainer_state.json"  # in a checkpoint: step, config, run identity
 OPTIMIZER_STATE = "optimizer.pt"  # in a checkpoint: optimizer and scheduler
 RNG_STATE = "rng.pt"  # in a checkpoint: torch, python and numpy generators
+SHARDED_OPTIMIZER = "optimizer"  # in a checkpoint of several ranks: torch.distributed.checkpoint folder
 
 # --------------------------------------------------------------------------- processes
 

@@ -51,6 +51,22 @@ class RunDirectory:
         return self.path / records.EVAL_FILE
 
     @property
+    def eval_scores(self) -> Path:
+        return self.path / records.EVAL_SCORES_FILE
+
+    def eval_run(self, label: str) -> Path:
+        """The run directory of the server ``vlmrl eval`` started for model ``label``."""
+        return self.path / records.EVAL_RUNS_DIR / label
+
+    @property
+    def sbatch(self) -> Path:
+        return self.path / records.SBATCH_FILE
+
+    def slurm_output(self, job_id: str = "%j") -> Path:
+        """The SLURM job's output file (``%j``: the pattern sbatch fills in)."""
+        return self.logs_dir / records.SLURM_OUTPUT.replace("%j", job_id)
+
+    @property
     def logs_dir(self) -> Path:
         return self.path / records.LOGS_DIR
 
@@ -111,14 +127,15 @@ def checkpoint_complete(path: str | Path) -> bool:
     return (Path(path) / records.CHECKPOINT_MARKER).exists()
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON: temp file in the same folder, then rename."""
+def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = True) -> None:
+    """Replace ``path`` with ``data`` as JSON: temp file in the same folder, then rename
+    (``sort_keys=False`` keeps the mappings' own order)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=sort_keys)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

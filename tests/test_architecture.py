@@ -91,6 +91,7 @@ def test_source_files_stay_small() -> None:
 
 @pytest.mark.parametrize("literal", [
     records.RUN_FILE, records.METRICS_FILE, records.ROLLOUTS_FILE, records.EVAL_FILE, records.CONFIG_FILE,
+    records.EVAL_SCORES_FILE, records.SBATCH_FILE, records.SLURM_OUTPUT,
     records.CHECKPOINT_MARKER, records.TRAINER_STATE, records.CONTROL_SOCKET, *records.METRIC_KEYS,
 ])
 def test_record_names_are_spelled_only_in_records(literal: str) -> None:

@@ -5,8 +5,8 @@ full or LoRA) the configured engine is started by the same supervisor as a train
 on a free port, with an ``eval`` process in the trainer's place: ``vlmrl eval --server URL``,
 which plays the held-out prompts (or a game's fixed eval seeds) greedily through the
 rollout client and writes its :class:`~backend.evaluate.EvalResult`. Each model's server
-and logs live in ``<run dir>/eval/<label>/``; the scores of all models go to
-``<run dir>/eval.json`` and are printed side by side. With ``--server URL`` the model an
+and logs live in ``<run dir>/eval/<label>/`` (``RunDirectory.eval_run``); the scores of all models go to
+``<run dir>/eval.json`` (``RunDirectory.eval_scores``) and are printed side by side. With ``--server URL`` the model an
 already running server serves is scored instead, nothing is started.
 """
 
@@ -25,11 +25,9 @@ from backend import net
 from backend.config import VlmrlConfig
 from backend.errors import ConfigError, VlmrlError
 from backend.records import EXIT_OK, PROC_TRAINER
-from backend.rundir import RunDirectory
+from backend.rundir import RunDirectory, write_json_atomic
 
 EVAL_PROC = "eval"
-EVAL_JSON = "eval.json"
-EVAL_DIR = "eval"
 BASE = "base"
 EVAL_JSON_VERSION = 1
 
@@ -113,21 +111,21 @@ def _score_on_server(cfg: VlmrlConfig, url: str, split: Split, label: str, out: 
 
 
 def _score_with_supervisor(cfg: VlmrlConfig, config_path: Path | None, checkpoint: str, split: Split,
-                           eval_root: Path) -> dict[str, Any]:
+                           rd: RunDirectory) -> dict[str, Any]:
     """Start the configured server for ``checkpoint`` under a supervisor, score it, stop it."""
     from backend.evaluate import eval_model_source
     from vlmrl_tui.headless import run_plan
     from vlmrl_tui.plan import build_plan
 
     label = label_of(checkpoint)
-    home = eval_root / label
+    home = rd.eval_run(label)
     if home.exists():
         shutil.rmtree(home)  # a previous eval of this model: its logs and result are redone
     source = eval_model_source(cfg, None if checkpoint == BASE else checkpoint, home / "merged")
     sub = cfg.model_copy(deep=True)
     sub.model = source
     sub.inference.port = net.free_port()
-    sub.trainer.args.output_dir = str(eval_root)
+    sub.trainer.args.output_dir = str(home.parent)
     sub.trainer.args.run_name = label
     result = home / "result.json"
     plan = build_plan(sub, config_path)
@@ -160,22 +158,17 @@ def eval_command(cfg: VlmrlConfig, config_path: Path | None, *, checkpoints: Seq
     for c in checkpoints:
         if c != BASE and not Path(c).is_dir():
             raise ConfigError(None, "--checkpoint", f"{c}: no such directory (give checkpoints/<step> or 'base')")
-    run_dir = cfg.run_dir().resolve()
-    eval_root = run_dir / EVAL_DIR
+    rd = RunDirectory(cfg.run_dir().resolve())
     results: list[dict[str, Any]] = []
     if server is not None:
-        eval_root.mkdir(parents=True, exist_ok=True)
-        results.append(_score_on_server(cfg, server, split, label or server, eval_root / "server-result.json"))
+        results.append(_score_on_server(cfg, server, split, label or server, rd.eval_run("server") / "result.json"))
     else:
         for c in checkpoints or [BASE]:
-            results.append(_score_with_supervisor(cfg, config_path, c, split, eval_root))
-    out = output or run_dir / EVAL_JSON
-    out.parent.mkdir(parents=True, exist_ok=True)
+            results.append(_score_with_supervisor(cfg, config_path, c, split, rd))
+    out = output or rd.eval_scores
     doc = {"version": EVAL_JSON_VERSION, "env": cfg.env.id, "env_args": cfg.env.args, "split": split.label,
            "greedy": True, "created": time.time(), "models": results}
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out)
+    write_json_atomic(out, doc, sort_keys=False)  # models and seeds keep their order
     print(format_table(results))
     print(f"wrote {out}", flush=True)
     return EXIT_OK

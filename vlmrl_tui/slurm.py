@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Sequence
 
 from backend.config import SlurmConfig, VlmrlConfig
+from backend.rundir import RunDirectory
 from vlmrl_tui.plan import Placement
-from vlmrl_tui.slurmctl import JOB_OUTPUT, SBATCH_FILE, SlurmError, _run, inside_argv, job_running, node_addr, render_sbatch
+from vlmrl_tui.slurmctl import SlurmError, _run, inside_argv, job_running, node_addr, render_sbatch
 
 
 
@@ -60,7 +61,6 @@ def follow(job_id: str, run_dir: Path, *, poll_s: float = 1.0) -> int:
 
     Returns the run's exit code, or 1 when the job ended before its run wrote ``run.json``
     (the job's output says why)."""
-    from backend.rundir import RunDirectory
     from vlmrl_tui.headless import attach_headless
 
     rd = RunDirectory(run_dir)
@@ -75,7 +75,7 @@ def follow(job_id: str, run_dir: Path, *, poll_s: float = 1.0) -> int:
     try:
         while rd.run_info() is None:
             if not job_running(job_id):
-                out = run_dir / JOB_OUTPUT.replace("%j", job_id)
+                out = rd.slurm_output(job_id)
                 tail = out.read_text(errors="replace")[-3000:] if out.is_file() else "(no job output)"
                 print(f"job {job_id} ended before the run started; its output ({out}):\n{tail}", file=sys.stderr)
                 return 1
@@ -109,11 +109,11 @@ def submit_run(cfg: VlmrlConfig, config_path: Path, overrides: Sequence[str], *,
     problem = run_dir_problem(plan.run_dir, resume)
     if problem:
         raise SlurmError(problem)
-    (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    path = plan.run_dir / SBATCH_FILE
-    path.write_text(script)
-    job = submit(path)
-    print(f"submitted job {job}: {path} (output {plan.run_dir / JOB_OUTPUT.replace('%j', job)}); "
+    rd = RunDirectory(plan.run_dir)
+    rd.logs_dir.mkdir(parents=True, exist_ok=True)
+    rd.sbatch.write_text(script)
+    job = submit(rd.sbatch)
+    print(f"submitted job {job}: {rd.sbatch} (output {rd.slurm_output(job)}); "
           "Ctrl-C cancels it", flush=True)
     return follow(job, plan.run_dir)
 

@@ -15,9 +15,8 @@ from typing import Sequence
 
 from backend.config import SlurmConfig, VlmrlConfig
 from backend.errors import VlmrlError
+from backend.rundir import RunDirectory
 
-SBATCH_FILE = "slurm.sbatch"
-JOB_OUTPUT = "logs/slurm-%j.out"
 
 
 class SlurmError(VlmrlError):
@@ -59,7 +58,7 @@ def render_sbatch(cfg: VlmrlConfig, inside: Sequence[str], run_dir: Path, cwd: P
     sl = cfg.slurm or SlurmConfig()
     lines = ["#!/bin/bash", f"#SBATCH --job-name=vlmrl-{cfg.run_name}",
              f"#SBATCH --nodes={sl.inference_nodes + sl.trainer_nodes}", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --time={sl.time}", f"#SBATCH --output={run_dir / JOB_OUTPUT}",
+             f"#SBATCH --time={sl.time}", f"#SBATCH --output={RunDirectory(run_dir).slurm_output()}",
              f"#SBATCH --chdir={cwd}"]
     if sl.partition:
         lines.append(f"#SBATCH --partition={sl.partition}")
@@ -81,4 +80,4 @@ def inside_argv(config_path: Path, overrides: Sequence[str], resume: bool) -> li
     return argv + (["--resume"] if resume else [])
 
 
-__all__ = ["JOB_OUTPUT", "SBATCH_FILE", "SlurmError", "inside_argv", "job_running", "node_addr", "render_sbatch"]
+__all__ = ["SlurmError", "inside_argv", "job_running", "node_addr", "render_sbatch"]
