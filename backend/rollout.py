@@ -21,7 +21,7 @@ import random
 import threading
 import time
 import zlib
-from typing import Any, Sequence
+from typing import Any, Coroutine, Sequence, TypeVar
 
 import httpx
 from PIL import Image
@@ -29,13 +29,14 @@ from PIL import Image
 from backend import contract
 from backend.errors import VlmrlError
 from backend.net import error_message, probe_http
-from backend.rollout_types import Rollout, Turn
+from backend.rollout_types import Rollout, Turn, episode_end_reason, episode_example_id
 from backend.sampling import logit_bias_for
 from environments.base import Environment, Example, MultiTurnEnvironment
 
 log = logging.getLogger("vlmrl.rollout")
 
 RETRY_STATUS = frozenset({500, 502, 503, 504})
+T = TypeVar("T")
 
 
 class RolloutError(VlmrlError):
@@ -129,11 +130,6 @@ def next_prompt_estimate(prompt_tokens: int, completion_tokens: int, previous_pr
     else:
         observation = max(prompt_tokens - previous_prompt_tokens, 0)
     return prompt_tokens + completion_tokens + observation
-
-
-def episode_example_id(env_id: str, seed: int) -> str:
-    """The example id of the episodes of ``seed`` (also the stem of their image files)."""
-    return f"{env_id or 'episode'}-{seed}"
 
 
 def request_seed(seed: int | None, step: int, example_id: str) -> int | None:
@@ -351,11 +347,9 @@ class RolloutClient:
             prompt_tokens = pt if isinstance(pt, int) and not isinstance(pt, bool) else None
             prompt_end = len(local)
             tr = await asyncio.to_thread(env.step, episode, text)
-            turns.append(Turn(prompt_end=prompt_end, completion=text, completion_ids=ids, behavior_logprobs=lps,
-                              finish_reason=finish, reward=float(tr.score.reward),
-                              reward_parts=dict(tr.score.parts), info=dict(tr.info), prompt_tokens=prompt_tokens))
+            turns.append(Turn.played(prompt_end, text, ids, lps, finish, tr, prompt_tokens))
             if episode.done:
-                end_reason = "max_turns" if episode.turn >= env.max_turns else "done"
+                end_reason = episode_end_reason(env, episode)
                 break
             if max_context is not None and prompt_tokens is not None:
                 need = next_prompt_estimate(prompt_tokens, len(ids), previous) + int(params.get("max_tokens") or 0)
@@ -391,14 +385,7 @@ class RolloutClient:
             async with playing:
                 return await self._episode(client, sem, env, seed, g, g * n + j, params, step, max_context)
 
-        tasks = [asyncio.create_task(one(g, j, s)) for g, s in enumerate(seeds) for j in range(n)]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await _all_or_none([one(g, j, s) for g, s in enumerate(seeds) for j in range(n)])
 
     def collect_episodes(self, env: MultiTurnEnvironment, seeds: Sequence[int], n: int, *,
                          temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 64, step: int = 0,
@@ -414,12 +401,7 @@ class RolloutClient:
                                                top_p=top_p, max_tokens=max_tokens, step=step,
                                                max_context=max_context)
 
-        fut = asyncio.run_coroutine_threadsafe(run(), self._background_loop())
-        try:
-            return fut.result()
-        except BaseException:
-            fut.cancel()
-            raise
+        return self._on_own_loop(run())
 
     async def acollect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
                        top_p: float = 1.0, max_tokens: int = 64, step: int = 0, seed: int | None = None) -> list[Rollout]:
@@ -437,15 +419,8 @@ class RolloutClient:
         params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         sem = asyncio.Semaphore(self.max_concurrent)
         await self._model_name(client)
-        tasks = [asyncio.create_task(self._one(client, sem, env, ex, g, n, params, step, seed))
-                 for g, ex in enumerate(examples)]
-        try:
-            groups = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        groups = await _all_or_none([self._one(client, sem, env, ex, g, n, params, step, seed)
+                                     for g, ex in enumerate(examples)])
         return [r for grp in groups for r in grp]
 
     def collect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
@@ -457,12 +432,29 @@ class RolloutClient:
             return await self._gather(await self._shared_client(), env, examples, n, temperature=temperature,
                                       top_p=top_p, max_tokens=max_tokens, step=step, seed=seed)
 
-        fut = asyncio.run_coroutine_threadsafe(run(), self._background_loop())
+        return self._on_own_loop(run())
+
+    def _on_own_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the client's loop and wait for it (from any thread but that loop's)."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._background_loop())
         try:
             return fut.result()
         except BaseException:
             fut.cancel()  # e.g. Ctrl-C in the caller: stop the requests still in flight
             raise
+
+
+async def _all_or_none(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coros`` concurrently; on the first error (or cancellation) cancel the rest and
+    wait for them before raising, so no request is left running."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def wait_for_health(base_url: str, timeout_s: float, *, proc: Any = None, interval_s: float = 0.25) -> dict[str, Any]:

@@ -3,12 +3,29 @@ and the protocol of what produces rollouts."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from PIL import Image
 
-from environments.base import Environment, Example, MultiTurnEnvironment
+from environments.base import Environment, Episode, Example, MultiTurnEnvironment, Transition
+
+
+def image_counts(messages: list[dict[str, Any]]) -> list[int]:
+    """How many images each message holds (messages in the processor's chat format)."""
+    return [sum(1 for p in m["content"] if p.get("type") == "image") if isinstance(m.get("content"), list) else 0
+            for m in messages]
+
+
+def episode_example_id(env_id: str, seed: int) -> str:
+    """The example id of the episodes of ``seed`` (also the stem of their image files)."""
+    return f"{env_id or 'episode'}-{seed}"
+
+
+def episode_end_reason(env: MultiTurnEnvironment, episode: Episode) -> str:
+    """Why a finished episode ended: ``max_turns`` (the cap) or ``done`` (the game)."""
+    return "max_turns" if episode.turn >= env.max_turns else "done"
 
 
 @dataclass
@@ -34,6 +51,14 @@ class Turn:
         if len(self.completion_ids) != len(self.behavior_logprobs):
             raise ValueError(f"turn: {len(self.completion_ids)} completion ids but "
                              f"{len(self.behavior_logprobs)} logprobs")
+
+    @classmethod
+    def played(cls, prompt_end: int, completion: str, ids: list[int], logprobs: list[float], finish: str,
+               tr: Transition, prompt_tokens: int | None = None) -> "Turn":
+        """The turn whose reply ``completion`` (``ids``/``logprobs``) the game answered with ``tr``."""
+        return cls(prompt_end=prompt_end, completion=completion, completion_ids=ids, behavior_logprobs=logprobs,
+                   finish_reason=finish, reward=float(tr.score.reward), reward_parts=dict(tr.score.parts),
+                   info=dict(tr.info), prompt_tokens=prompt_tokens)
 
 
 @dataclass
@@ -92,11 +117,20 @@ class Rollout:
                 parts[k] = parts.get(k, 0.0) + v
         return cls(
             completion=turns[-1].completion if turns else "",
-            completion_ids=[i for t in turns for i in t.completion_ids],
-            behavior_logprobs=[x for t in turns for x in t.behavior_logprobs],
             finish_reason=turns[-1].finish_reason if turns else "stop",
-            reward=sum(t.reward for t in turns), reward_parts=parts, turns=list(turns), **fields,
+            reward=sum(t.reward for t in turns), reward_parts=parts, **_joined(turns), **fields,
         )
+
+    def keep_turns(self, n: int, end_reason: str) -> "Rollout":
+        """This episode with its first ``n`` turns only (ids and logprobs too); its reward,
+        parts and advantage stay the whole episode's."""
+        return dataclasses.replace(self, end_reason=end_reason, **_joined(self.turns[:n]))
+
+
+def _joined(turns: list[Turn]) -> dict[str, Any]:
+    """``turns`` and their ids and logprobs concatenated, as Rollout fields."""
+    return {"turns": list(turns), "completion_ids": [i for t in turns for i in t.completion_ids],
+            "behavior_logprobs": [x for t in turns for x in t.behavior_logprobs]}
 
 
 class RolloutSource(Protocol):

@@ -13,7 +13,7 @@ import concurrent.futures as cf
 from typing import Any, Sequence
 
 from backend.records import RolloutRecord, TurnRecord
-from backend.rollout_types import Rollout
+from backend.rollout_types import Rollout, image_counts
 from backend.rundir import JsonlWriter, RunDirectory
 
 
@@ -31,12 +31,6 @@ def prompt_text(messages: list[dict[str, Any]]) -> str:
                 elif p.get("type") == "image":
                     parts.append("<image>")
     return " ".join(parts)
-
-
-def image_counts(messages: list[dict[str, Any]]) -> list[int]:
-    """How many images each message holds."""
-    return [sum(1 for p in m["content"] if p.get("type") == "image") if isinstance(m.get("content"), list) else 0
-            for m in messages]
 
 
 def turn_records(r: Rollout, image_names: list[str]) -> list[TurnRecord]:

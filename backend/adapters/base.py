@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 
-from backend.rollout_types import Rollout
+from backend.rollout_types import Rollout, image_counts
 
 log = logging.getLogger("vlmrl.adapters")
 
@@ -222,8 +222,7 @@ class ProcessorAdapter(MultimodalAdapter):
         """
         from backend.sampling import end_of_turn_ids
 
-        counts = [sum(1 for p in (m.get("content") if isinstance(m.get("content"), list) else [])
-                      if p.get("type") == "image") for m in r.messages]
+        counts = image_counts(r.messages)
         end_ids = end_of_turn_ids(self.tokenizer)
         pieces: list[tuple[str, list[Any]]] = []
         prev_text = ""
@@ -293,11 +292,7 @@ class ProcessorAdapter(MultimodalAdapter):
         if keep < len(r.turns):
             log.warning("episode %s (#%d) cut after turn %d of %d: %s", r.example_id, r.index, keep,
                         len(r.turns), why)
-            turns = r.turns[:keep]
-            r = dataclasses.replace(
-                r, turns=turns, completion_ids=[i for t in turns for i in t.completion_ids],
-                behavior_logprobs=[x for t in turns for x in t.behavior_logprobs],
-                end_reason=f"cut: {why}")
+            r = r.keep_turns(keep, f"cut: {why}")
         enc = PromptEncoding(
             torch.cat(ids), {k: torch.cat(v) for k, v in token_parts.items()},
             {k: torch.cat(v, dim=0) for k, v in image_parts.items()}, num_images=n_images, spans=spans)
