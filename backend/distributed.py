@@ -183,14 +183,29 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def close(info: DistInfo | None) -> None:
-    """Leave the trainer's group, together (a rank tearing down its gloo pairs while another
-    still uses them aborts the process)."""
-    if info is not None and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+def close(info: DistInfo | None, timeout_s: float = 60.0) -> None:
+    """Leave the trainer's group, together.
+
+    A rank that closes its gloo pairs while a peer still reads from them can abort the peer
+    (``terminate called ... gloo::IoException``). So: a barrier over the group (every rank is
+    done with collectives), then one over the rendezvous store, which does not ride on those
+    pairs (every rank has also *left* the first barrier), and only then the teardown."""
+    if info is None or not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+        _store_barrier("vlmrl/close", info.world, timeout_s)
+    finally:
+        dist.destroy_process_group()
+
+
+def _store_barrier(key: str, world: int, timeout_s: float) -> None:
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _get_default_store()
+    if store.add(key, 1) == world:
+        store.set(key + "/all", b"1")
+    store.wait([key + "/all"], datetime.timedelta(seconds=timeout_s))
 
 
 __all__ = ["CMD_PUSH", "CMD_SAVE", "CMD_STEP", "CMD_STOP", "Command", "DistInfo", "all_max", "all_min_max",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,3 +262,20 @@ def last_lines(path: str | Path, n: int = 20, max_bytes: int = 64 * 1024) -> lis
         return []
     lines = data.decode("utf-8", errors="replace").splitlines()
     return lines[-n:]
+
+
+# What a dying process prints of its cause, before a launcher's summary buries it
+# (torchrun's ChildFailedError names a rank and a signal, not why).
+_CAUSE = re.compile(r"terminate called|what\(\):|^[\w.]*(Error|Exception)\b|Fatal Python error")
+_LAUNCHER = "ChildFailedError"
+
+
+def failure_lines(path: str | Path, n: int = 20, max_causes: int = 8) -> list[str]:
+    """The last ``n`` lines of a failed process's log, preceded by the lines above them that
+    say what went wrong (an uncaught C++ exception, a Python error), when the tail does not."""
+    lines = last_lines(path, 100_000)
+    tail, before = lines[-n:], lines[:-n]
+    causes = [ln for ln in before if _CAUSE.search(ln.strip()) and _LAUNCHER not in ln][-max_causes:]
+    if not causes or (not any(_LAUNCHER in ln for ln in tail) and any(_CAUSE.search(ln.strip()) for ln in tail)):
+        return tail
+    return causes + ["..."] + tail

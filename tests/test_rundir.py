@@ -10,6 +10,7 @@ from backend.rundir import (
     JsonlTail,
     JsonlWriter,
     RunDirectory,
+    failure_lines,
     last_lines,
     read_json,
     write_json_atomic,
@@ -75,3 +76,22 @@ def test_latest_checkpoint_needs_complete_marker(tmp_path: Path) -> None:
     (rd.checkpoint(5) / "COMPLETE").touch()
     (rd.checkpoint(10) / "COMPLETE").touch()
     assert rd.latest_checkpoint() == rd.checkpoint(10)
+
+
+def test_failure_lines_bring_up_the_cause_a_launcher_summary_buries(tmp_path: Path) -> None:
+    log = tmp_path / "trainer.log"
+    summary = ["Traceback (most recent call last):", '  File "torchrun", line 8, in <module>',
+               "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+               "  rank      : 1 (local_rank: 1)", "  exitcode  : -6 (pid: 12801)  (SIGABRT)"]
+    noise = [f"step {i}/6 reward=0.2" for i in range(40)]
+    log.write_text("\n".join(["step 0", "terminate called after throwing an instance of 'gloo::IoException'",
+                               "  what():  [pair.cc:553] Connection closed by peer [127.0.0.1]:4242"]
+                              + noise + summary) + "\n")
+    lines = failure_lines(log, 5)
+    assert lines[:3] == ["terminate called after throwing an instance of 'gloo::IoException'",
+                         "  what():  [pair.cc:553] Connection closed by peer [127.0.0.1]:4242", "..."]
+    assert lines[3:] == summary
+    # a tail that already says why is left alone
+    log.write_text("\n".join(["ValueError: earlier, handled"] + noise + ["KeyError: 'model'"]) + "\n")
+    assert failure_lines(log, 2) == [noise[-1], "KeyError: 'model'"]
+    assert failure_lines(tmp_path / "missing.log", 5) == []

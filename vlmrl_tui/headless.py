@@ -45,7 +45,7 @@ from backend.records import (
     state_line,
     step_line,
 )
-from backend.rundir import RunDirectory, last_lines
+from backend.rundir import RunDirectory, failure_lines, last_lines
 from vlmrl_tui.plan import Placement, RunPlan, build_plan, format_plan, run_dir_problem
 from vlmrl_tui.proctree import supervisor_alive
 from vlmrl_tui.supervisor import LOG_TAIL_LINES, Supervisor, SupervisorEvent
@@ -389,7 +389,7 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
 def _attach_end(view: HeadlessView, info: RunInfo, rd: RunDirectory) -> int:
     code = info.exit_code if info.exit_code is not None else EXIT_FAILED
     if info.failed_process:
-        view.log_tail(info.failed_process, last_lines(rd.log(info.failed_process), LOG_TAIL_LINES))
+        view.log_tail(info.failed_process, failure_lines(rd.log(info.failed_process), LOG_TAIL_LINES))
     view.line(f"run: {info.status}" + (f" - {info.reason}" if info.reason else ""))
     view.summary(info, code, rd.path)
     return code

@@ -57,7 +57,7 @@ from backend.records import (
     RunInfo,
     state_line,
 )
-from backend.rundir import RunDirectory, last_lines, write_json_atomic
+from backend.rundir import RunDirectory, failure_lines, write_json_atomic
 from vlmrl_tui import proctree
 from vlmrl_tui.child import Child
 from vlmrl_tui.control import ControlServer
@@ -548,7 +548,7 @@ class Supervisor:
             return
         log_tail: tuple[str, ...] = ()
         if tail and proc is not None and proc in self._children:
-            log_tail = tuple(last_lines(self._children[proc].spec.log_path, LOG_TAIL_LINES))
+            log_tail = tuple(failure_lines(self._children[proc].spec.log_path, LOG_TAIL_LINES))
         try:
             self.on_event(SupervisorEvent(kind, proc, status, message, log_tail=log_tail))
         except Exception:  # a broken view must not break the run
