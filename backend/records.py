@@ -249,6 +249,13 @@ class RunInfo:
     def proc(self, name: str) -> ProcessInfo | None:
         return self.processes.get(name)
 
+    def lost(self, reason: str, now: float) -> None:
+        """Mark a run whose supervisor died before finishing (killed with its SLURM job, say)
+        as failed, and say why: what a reader of ``run.json`` finds afterwards."""
+        self.status, self.reason, self.exit_code = RUN_FAILED, reason, RUN_EXIT_CODES[RUN_FAILED]
+        self.ended_at, self.control_socket = now, None
+        self.history.append(HistoryEntry(now, None, RUN_FAILED, reason))
+
     def procs(self) -> list[ProcessInfo]:
         """Processes in display order (prepare, server, trainer, ...)."""
         return [self.processes[n] for n in sorted(self.processes, key=proc_sort_key)]

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# A real SLURM cluster of two simulated nodes (n1, n2) on this one host, for tests and demos.
+# A real SLURM cluster of simulated nodes (n1, n2, ...) on this one host, for tests and demos.
 #
 #   scripts/slurm-local.sh install        apt-get install slurm-wlm munge (as root; once)
-#   scripts/slurm-local.sh start [DIR]    munged + slurmctld + slurmd n1, n2; prints SLURM_CONF=...
+#   scripts/slurm-local.sh start [DIR]    munged + slurmctld + one slurmd per node; prints SLURM_CONF=...
 #   scripts/slurm-local.sh stop [DIR]     scontrol shutdown, then munged
 #   scripts/slurm-local.sh status [DIR]
 #
 # DIR (default /tmp/vlmrl-slurm) holds slurm.conf, the daemons' state, pids and logs. Export
-# the printed SLURM_CONF before sbatch/srun/squeue. Both nodes are this host (NodeAddr
-# 127.0.0.1), 2 CPUs each: how FACTS.md measured it. Ports: SLURM_LOCAL_CTLD_PORT (16817) and
-# SLURM_LOCAL_NODE_PORT (17001; n2 takes the next one), so two clusters can coexist.
+# the printed SLURM_CONF before sbatch/srun/squeue. SLURM_LOCAL_NODES nodes (default 2), all
+# this host (NodeAddr 127.0.0.1), 2 CPUs each: how FACTS.md measured it. Ports:
+# SLURM_LOCAL_CTLD_PORT (16817) and SLURM_LOCAL_NODE_PORT (17001; node k takes 17001 + k - 1), so
+# two clusters can coexist. A node whose slurmd stops answering is DOWN after 10 s
+# (SlurmdTimeout), so a lost node ends its job quickly.
 set -euo pipefail
+
+NODES="${SLURM_LOCAL_NODES:-2}"
+NODE_NAMES=$(seq -f 'n%g' 1 "$NODES" | tr '\n' ' ')
 
 cmd="${1:-}"
 DIR="${2:-${VLMRL_SLURM_DIR:-/tmp/vlmrl-slurm}}"
@@ -52,8 +57,9 @@ SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmdLogFile=$DIR/log/slurmd-%n.log
 KillWait=5
-NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=$NODE_PORT-$((NODE_PORT + 1)) CPUs=2 RealMemory=10000
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+SlurmdTimeout=10
+NodeName=n[1-$NODES] NodeHostname=$host NodeAddr=127.0.0.1 Port=$NODE_PORT-$((NODE_PORT + NODES - 1)) CPUs=2 RealMemory=10000
+PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -68,10 +74,10 @@ start() {
     fi
     export SLURM_CONF="$CONF"
     slurmctld -f "$CONF"
-    for n in n1 n2; do slurmd -f "$CONF" -N "$n"; done
+    for n in $NODE_NAMES; do slurmd -f "$CONF" -N "$n"; done
     for _ in $(seq 100); do
-        if sinfo -h -o "%t %D" 2>/dev/null | grep -q "^idle 2$"; then
-            log "nodes n1, n2 idle"
+        if sinfo -h -o "%t %D" 2>/dev/null | grep -q "^idle $NODES$"; then
+            log "nodes ${NODE_NAMES% } idle"
             echo "SLURM_CONF=$CONF"
             return
         fi

@@ -212,6 +212,32 @@ def test_attach_follows_a_live_run_to_its_end(tmp_path: Path) -> None:
     assert len(reports(tmp_path / "trainer.jsonl")) == 1
 
 
+def test_attach_to_a_run_whose_supervisor_died_records_the_end_in_run_json(tmp_path: Path) -> None:
+    """kill -9 of the supervisor (as when its SLURM job or node is lost): attach says so, exits
+    1, and run.json no longer claims the run is running."""
+    from backend.records import RunInfo
+
+    p = _start_standins(tmp_path, 2.0, *SLOW_TRAINER)
+    run_dir = tmp_path / "runs" / "run"
+    try:
+        wait_until(lambda: _metrics(tmp_path) >= 2, timeout=60)
+        p.kill()
+        p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    before = RunInfo.read(run_dir / "run.json")
+    assert before is not None and before.status == "running"
+    r = _cli("attach", str(run_dir), timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"the supervisor (pid {before.supervisor_pid}) is gone and the run did not finish" in r.stdout
+    after = RunInfo.read(run_dir / "run.json")
+    assert after is not None and after.status == "failed" and after.exit_code == 1 and after.ended_at
+    assert after.reason is not None and "is gone" in after.reason and after.history[-1].status == "failed"
+    again = _cli("attach", str(run_dir), timeout=60)  # the next reader finds the account
+    assert again.returncode == 1 and "run: failed - the supervisor" in again.stdout
+
+
 def test_attach_to_something_that_is_not_a_run_dir_exits_2(tmp_path: Path) -> None:
     r = _cli("attach", str(tmp_path))
     assert r.returncode == 2 and "not a run directory" in r.stderr

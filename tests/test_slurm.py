@@ -1,6 +1,7 @@
-"""`vlmrl run --slurm` on a real SLURM cluster of two simulated nodes on this host
+"""`vlmrl run --slurm` on a real SLURM cluster of three simulated nodes on this host
 (scripts/slurm-local.sh: Debian's slurm-wlm + munge; `.ci/run` installs them as root): the
-server on one node, the trainer (two ranks) on the other, Ctrl-C cancels the job."""
+server on one node, the trainer on one node (two ranks) or on two (torchrun's multi-node
+rendezvous, one rank each); Ctrl-C, scancel and a lost node end the job on every node."""
 
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ from backend.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+NODES = 3
 
 
-def _config(tmp_path: Path, **slurm: object) -> Path:
+def _config(tmp_path: Path, processes: int = 2, **slurm: object) -> Path:
     data = {
         "model": "builtin:tiny-qwen3-vl", "env": {"id": "colors", "args": {"num_colors": 5, "image_size": 64}},
         "inference": {"engine": "hf", "port": free_port(),
                       "args": {"max_model_len": 1024, "limit_mm_per_prompt": {"image": 1}, "dtype": "float32"}},
-        "trainer": {"processes": 2, "args": {
+        "trainer": {"processes": processes, "args": {
             "run_name": "sl", "output_dir": str(tmp_path / "runs"), "max_steps": 4, "batch_size": 16,
             "micro_batch_size": 16, "rollouts_per_step": 8, "max_tokens": 4, "torch_threads": 1, "save_every": 2}},
         "slurm": {"partition": "debug", "time": "00:20:00", **slurm},
@@ -76,7 +78,7 @@ def test_a_run_inside_a_job_is_placed_by_srun_on_its_nodes(tmp_path: Path) -> No
 
     cfg = validate_config(json.loads(json.dumps({
         "model": "builtin:tiny-qwen3-vl", "env": {"id": "colors"},
-        "trainer": {"processes": 2, "args": {"output_dir": str(tmp_path)}},
+        "trainer": {"processes": processes, "args": {"output_dir": str(tmp_path)}},
         "slurm": {"inference_nodes": 1, "trainer_nodes": 2, "socket_ifname": "ib0", "rdzv_port": 29555}})))
     plan = build_plan(cfg, None, sync_port=free_port(),
                       placement=Placement("42", ("a1",), ("b1", "b2"), "10.0.0.1", "10.0.0.2"))
@@ -98,7 +100,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     if shutil.which("slurmctld") is None or shutil.which("munged") is None:
         pytest.skip("SLURM is not installed here (scripts/slurm-local.sh install, as root; .ci/run does it)")
     d = tmp_path_factory.mktemp("slurm")
-    env = dict(os.environ, SLURM_LOCAL_CTLD_PORT=str(free_port()), SLURM_LOCAL_NODE_PORT=str(_two_free_ports()))
+    env = dict(os.environ, SLURM_LOCAL_CTLD_PORT=str(free_port()), SLURM_LOCAL_NODE_PORT=str(_free_ports(NODES)),
+               SLURM_LOCAL_NODES=str(NODES))
     out = subprocess.run(["bash", str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=120,
                          env=env)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -109,18 +112,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         subprocess.run(["bash", str(SCRIPT), "stop", str(d)], capture_output=True, timeout=120, env=env)
 
 
-def _two_free_ports() -> int:
+def _free_ports(n: int) -> int:
+    """The first of ``n`` free ports in a row (the nodes' slurmd ports)."""
+    import socket
+
     for _ in range(50):
         p = free_port()
         try:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", p + 1))
+            for k in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + k))
             return p
         except OSError:
             continue
-    raise RuntimeError("no two free ports in a row")
+    raise RuntimeError(f"no {n} free ports in a row")
 
 
 def _leftovers(marker: str) -> list[str]:
@@ -137,9 +142,10 @@ def _queue(env: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
-def test_a_run_on_two_nodes_completes_and_run_json_says_where(cluster: dict[str, str], tmp_path: Path,
-                                                              tiny_model_dir: Path) -> None:
-    cfg = _config(tmp_path)
+def test_a_run_across_three_nodes_completes_and_run_json_says_where(cluster: dict[str, str], tmp_path: Path,
+                                                                    tiny_model_dir: Path) -> None:
+    """The server on n1; the trainer on n2 and n3, one rank each (torchrun's c10d rendezvous)."""
+    cfg = _config(tmp_path, processes=1, trainer_nodes=2, rdzv_port=free_port())
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg), "--slurm"], capture_output=True,
                        text=True, timeout=600, cwd=ROOT, env=cluster)
@@ -149,7 +155,7 @@ def test_a_run_on_two_nodes_completes_and_run_json_says_where(cluster: dict[str,
     info = json.loads((rd / "run.json").read_text())
     print(f"\nSLURM run: {wall:.0f} s wall, job {info['slurm_job']}, nodes {info['nodes']}")
     assert info["status"] == "completed" and info["slurm_job"] and info["slurm_job"] in r.stdout
-    assert info["nodes"] == {"server": ["n1"], "trainer": ["n2"]}
+    assert info["nodes"] == {"server": ["n1"], "trainer": ["n2", "n3"]}
     assert "submitted job" in r.stdout and "completed: 4/4 steps" in r.stdout
     assert [json.loads(x)["step"] for x in (rd / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert "2 ranks (FSDP2 over gloo)" in (rd / "logs" / "trainer.log").read_text()

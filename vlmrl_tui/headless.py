@@ -45,7 +45,7 @@ from backend.records import (
     state_line,
     step_line,
 )
-from backend.rundir import RunDirectory, failure_lines, last_lines
+from backend.rundir import RunDirectory, failure_lines, last_lines, write_json_atomic
 from vlmrl_tui.plan import Placement, RunPlan, build_plan, format_plan, run_dir_problem
 from vlmrl_tui.proctree import supervisor_alive
 from vlmrl_tui.supervisor import LOG_TAIL_LINES, Supervisor, SupervisorEvent
@@ -360,7 +360,17 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
                 if not follow:
                     return 0
                 if not supervisor_alive(info):
-                    view.line(f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish")
+                    last, _ = feed.run_info()  # its last words, written as it went
+                    if last is not None and last.finished:
+                        info = last
+                        continue
+                    why = _gone(info)
+                    info.lost(why, time.time())
+                    try:  # what happened stays in run.json for the next reader
+                        write_json_atomic(rd.run_json, info.to_json())
+                    except OSError as e:
+                        view.line(f"warning: could not record the end in {rd.run_json}: {e}")
+                    view.line(f"run: {RUN_FAILED} - {why}")
                     view.summary(info, EXIT_FAILED, rd.path)
                     return EXIT_FAILED
                 time.sleep(poll_s)
@@ -384,6 +394,16 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
         except KeyboardInterrupt:
             view.line("detached; the run goes on")
             return EXIT_INTERRUPTED
+
+
+def _gone(info: RunInfo) -> str:
+    """Why a run's supervisor is gone, as far as this host can tell."""
+    if info.slurm_job is not None:
+        from vlmrl_tui.slurmctl import job_end
+
+        return (f"SLURM job {info.slurm_job} ended ({job_end(info.slurm_job) or 'no longer listed'}) "
+                "before the run finished")
+    return f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish"
 
 
 def _attach_end(view: HeadlessView, info: RunInfo, rd: RunDirectory) -> int:

@@ -18,7 +18,6 @@ from backend.errors import VlmrlError
 from backend.rundir import RunDirectory
 
 
-
 class SlurmError(VlmrlError):
     """SLURM is missing, refused the job, or the job's nodes cannot host the run."""
 
@@ -42,6 +41,23 @@ def job_running(job_id: str) -> bool:
     except SlurmError:
         return False
     return out.strip() in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED")
+
+
+def job_end(job_id: str) -> str | None:
+    """How job ``job_id`` ended, as SLURM says (``NODE_FAIL (reason NodeDown, nodes n3)``,
+    ``CANCELLED``...); None when SLURM no longer knows the job or it did not end."""
+    try:
+        out = _run(["scontrol", "show", "job", str(job_id), "-o"], "ask how the job ended", timeout=15)
+    except SlurmError:
+        return None
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    state = fields.get("JobState", "")
+    if not state or state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"):
+        return None
+    extra = [f"reason {fields['Reason']}"] if fields.get("Reason", "None") != "None" else []
+    if state == "NODE_FAIL" and fields.get("NodeList"):
+        extra.append(f"nodes {fields['NodeList']}")
+    return state + (f" ({', '.join(extra)})" if extra else "")
 
 
 def node_addr(node: str) -> str:
@@ -80,4 +96,4 @@ def inside_argv(config_path: Path, overrides: Sequence[str], resume: bool) -> li
     return argv + (["--resume"] if resume else [])
 
 
-__all__ = ["SlurmError", "inside_argv", "job_running", "node_addr", "render_sbatch"]
+__all__ = ["SlurmError", "inside_argv", "job_end", "job_running", "node_addr", "render_sbatch"]
