@@ -249,12 +249,13 @@ class RunInfo:
     def proc(self, name: str) -> ProcessInfo | None:
         return self.processes.get(name)
 
-    def lost(self, reason: str, now: float) -> None:
+    def lost(self, reason: str, now: float, status: str = RUN_FAILED) -> None:
         """Mark a run whose supervisor died before finishing (killed with its SLURM job, say)
-        as failed, and say why: what a reader of ``run.json`` finds afterwards."""
-        self.status, self.reason, self.exit_code = RUN_FAILED, reason, RUN_EXIT_CODES[RUN_FAILED]
+        as ``status`` (failed, or stopped when someone cancelled the job), and say why: what a
+        reader of ``run.json`` finds afterwards."""
+        self.status, self.reason, self.exit_code = status, reason, RUN_EXIT_CODES[status]
         self.ended_at, self.control_socket = now, None
-        self.history.append(HistoryEntry(now, None, RUN_FAILED, reason))
+        self.history.append(HistoryEntry(now, None, status, reason))
 
     def procs(self) -> list[ProcessInfo]:
         """Processes in display order (prepare, server, trainer, ...)."""

@@ -97,7 +97,10 @@ stop() {
         done
         pkill -9 -f "slurm(ctl)?d -f $CONF" 2>/dev/null || true
     fi
-    pkill -x munged 2>/dev/null || true
+    # munged serves every cluster on this host: only the last one stops it
+    if ! pgrep -f "slurmctld -f" >/dev/null; then
+        pkill -x munged 2>/dev/null || true
+    fi
     log "stopped"
 }
 

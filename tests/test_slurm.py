@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import psutil
 import pytest
@@ -51,7 +51,7 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path: Path) ->
     lines = r.stdout.splitlines()
     assert lines[0] == "#!/bin/bash"
     for want in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=debug",
-                 "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --time=00:20:00",
+                 "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --time=00:20:00", "#SBATCH --no-requeue",
                  f"#SBATCH --output={tmp_path / 'runs' / 'sl' / 'logs' / 'slurm-%j.out'}",
                  "module load cuda", "source .venv/bin/activate"):
         assert want in lines, want
@@ -78,7 +78,7 @@ def test_a_run_inside_a_job_is_placed_by_srun_on_its_nodes(tmp_path: Path) -> No
 
     cfg = validate_config(json.loads(json.dumps({
         "model": "builtin:tiny-qwen3-vl", "env": {"id": "colors"},
-        "trainer": {"processes": processes, "args": {"output_dir": str(tmp_path)}},
+        "trainer": {"processes": 2, "args": {"output_dir": str(tmp_path)}},
         "slurm": {"inference_nodes": 1, "trainer_nodes": 2, "socket_ifname": "ib0", "rdzv_port": 29555}})))
     plan = build_plan(cfg, None, sync_port=free_port(),
                       placement=Placement("42", ("a1",), ("b1", "b2"), "10.0.0.1", "10.0.0.2"))
@@ -205,6 +205,90 @@ def test_ctrl_c_on_the_submitting_run_cancels_the_job_on_every_node(cluster: dic
     deadline = time.monotonic() + 60
     while (_queue(cluster) or _leftovers(str(cfg))) and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert _queue(cluster) == "" and _leftovers(str(cfg)) == []
+
+
+def _scontrol(env: dict[str, str], *args: str) -> None:
+    r = subprocess.run(["scontrol", *args], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _all_idle(env: dict[str, str]) -> bool:
+    out = subprocess.run(["sinfo", "-h", "-o", "%t %D"], capture_output=True, text=True, env=env, timeout=30).stdout
+    return out.strip() == f"idle {NODES}"
+
+
+def _submit(cfg: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg), "--slurm", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+
+
+def _wait_for(cond: Any, p: subprocess.Popen[str], what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if p.poll() is not None or time.monotonic() > deadline:
+            out = p.communicate(timeout=30)[0] if p.poll() is not None else "(still running)"
+            pytest.fail(f"{what}: {out[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_lost_node_or_scancel_ends_the_run_with_slurms_account_and_resume_continues(
+        cluster: dict[str, str], tmp_path: Path, tiny_model_dir: Path) -> None:
+    """n3 (a trainer node) goes DOWN mid-run: the job is not requeued, the submitting run exits 1
+    and run.json says NODE_FAIL; --resume continues; scancel from elsewhere stops it (run.json
+    says so); --resume then completes with every step once."""
+    from backend.records import RunInfo
+
+    cfg = _config(tmp_path, processes=1, trainer_nodes=2, rdzv_port=free_port())
+    cfg.write_text(cfg.read_text().replace("max_steps = 4", "max_steps = 400"))
+    rd = tmp_path / "runs" / "sl"
+    p = _submit(cfg, cluster)
+    try:
+        _wait_for(lambda: (rd / "checkpoints" / "2" / "COMPLETE").is_file(), p, "no checkpoint 2")
+        _scontrol(cluster, "update", "NodeName=n3", "State=DOWN", "Reason=vlmrl-test")
+        out, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1, out[-4000:]
+    info = RunInfo.read(rd / "run.json")
+    assert info is not None and info.status == "failed" and "NODE_FAIL" in (info.reason or ""), info
+    assert f"SLURM job {info.slurm_job} ended NODE_FAIL" in out or "NODE_FAIL" in out.splitlines()[-1], out[-2000:]
+    deadline = time.monotonic() + 60
+    while (_queue(cluster) or _leftovers(str(cfg))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _queue(cluster) == "" and _leftovers(str(cfg)) == []
+    if not _all_idle(cluster):
+        _scontrol(cluster, "update", "NodeName=n3", "State=RESUME")
+    deadline = time.monotonic() + 60
+    while not _all_idle(cluster) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    # --resume, then scancel from "another terminal"
+    steps_before = len((rd / "metrics.jsonl").read_text().splitlines())
+    p = _submit(cfg, cluster, "--resume")
+    try:
+        _wait_for(lambda: "resumed from" in (rd / "logs" / "trainer.log").read_text(errors="replace")
+                  if (rd / "logs" / "trainer.log").is_file() else False, p, "no resume")
+        job = json.loads((rd / "run.json").read_text())["slurm_job"]
+        assert job != info.slurm_job
+        subprocess.run(["scancel", job], env=cluster, check=True, timeout=30)
+        out, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode in (130, 143), out[-4000:]
+    cancelled = RunInfo.read(rd / "run.json")
+    assert cancelled is not None and cancelled.status == "stopped" and "CANCELLED" in (cancelled.reason or "")
+
+    last = int(sorted((rd / "checkpoints").iterdir(), key=lambda d: int(d.name))[-1].name)
+    cfg.write_text(cfg.read_text().replace("max_steps = 400", f"max_steps = {last + 2}"))
+    r = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg), "--slurm", "--resume"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=cluster)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    steps = [json.loads(x)["step"] for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, last + 3)) and len(steps) >= steps_before - 2
     assert _queue(cluster) == "" and _leftovers(str(cfg)) == []
 
 

@@ -364,15 +364,16 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
                     if last is not None and last.finished:
                         info = last
                         continue
-                    why = _gone(info)
-                    info.lost(why, time.time())
+                    status, why = _gone(info)
+                    info.lost(why, time.time(), status)
                     try:  # what happened stays in run.json for the next reader
                         write_json_atomic(rd.run_json, info.to_json())
                     except OSError as e:
                         view.line(f"warning: could not record the end in {rd.run_json}: {e}")
-                    view.line(f"run: {RUN_FAILED} - {why}")
-                    view.summary(info, EXIT_FAILED, rd.path)
-                    return EXIT_FAILED
+                    view.line(f"run: {status} - {why}")
+                    code = info.exit_code if info.exit_code is not None else EXIT_FAILED
+                    view.summary(info, code, rd.path)
+                    return code
                 time.sleep(poll_s)
                 view.metrics(feed.new_metrics())
                 view.evals(feed.new_evals())
@@ -396,14 +397,17 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
             return EXIT_INTERRUPTED
 
 
-def _gone(info: RunInfo) -> str:
-    """Why a run's supervisor is gone, as far as this host can tell."""
+def _gone(info: RunInfo) -> tuple[str, str]:
+    """How a run whose supervisor is gone ended (failed, or stopped when its SLURM job was
+    cancelled), and why, as far as this host can tell."""
     if info.slurm_job is not None:
         from vlmrl_tui.slurmctl import job_end
 
-        return (f"SLURM job {info.slurm_job} ended ({job_end(info.slurm_job) or 'no longer listed'}) "
-                "before the run finished")
-    return f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish"
+        end = job_end(info.slurm_job)
+        return (RUN_STOPPED if end and end.startswith("CANCELLED") else RUN_FAILED,
+                f"SLURM job {info.slurm_job} " + (f"ended {end}" if end else "is no longer listed")
+                + " before the run finished")
+    return RUN_FAILED, f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish"
 
 
 def _attach_end(view: HeadlessView, info: RunInfo, rd: RunDirectory) -> int:

@@ -9,7 +9,10 @@ with ``srun`` on their nodes (the server on the first ``inference_nodes``, the t
 next ``trainer_nodes`` with torchrun's c10d rendezvous across them), all with one NCCL
 environment. The run directory must be on a filesystem every node sees; ``run.json`` records
 the job id and which node runs what, so ``vlmrl attach``/``vlmrl-tui --attach`` work from the
-login node (they ask ``squeue`` whether the job still runs).
+login node (they ask ``squeue`` whether the job still runs). When SLURM ends the job itself (a
+lost node, the time limit, ``scancel`` from elsewhere), the submitting ``vlmrl run`` adds SLURM's
+account (``scontrol show job``) to ``run.json``; the job is not requeued (it would start the run
+over), and ``vlmrl run CONFIG --slurm --resume`` continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from pathlib import Path
 from typing import Sequence
 
 from backend.config import SlurmConfig, VlmrlConfig
-from backend.rundir import RunDirectory
+from backend.records import EXIT_FAILED, RunInfo
+from backend.rundir import RunDirectory, write_json_atomic
 from vlmrl_tui.plan import Placement
-from vlmrl_tui.slurmctl import SlurmError, _run, inside_argv, job_running, node_addr, render_sbatch
-
+from vlmrl_tui.slurmctl import SlurmError, _run, inside_argv, job_end, job_running, node_addr, render_sbatch
 
 
 def placement(cfg: VlmrlConfig, job_id: str, nodelist: str) -> Placement:
@@ -73,7 +76,7 @@ def follow(job_id: str, run_dir: Path, *, poll_s: float = 1.0) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 1
     try:
-        while rd.run_info() is None:
+        while (rd.run_info() or RunInfo("", "")).slurm_job != job_id:  # not an earlier job's (--resume)
             if not job_running(job_id):
                 out = rd.slurm_output(job_id)
                 tail = out.read_text(errors="replace")[-3000:] if out.is_file() else "(no job output)"
@@ -87,13 +90,39 @@ def follow(job_id: str, run_dir: Path, *, poll_s: float = 1.0) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     if not stop:
-        return code
+        return code if code == 0 else _account(job_id, rd, code)
     print(f"cancelling job {job_id} (scancel): every task on every node stops", flush=True)
     cancel(job_id)
     deadline = time.monotonic() + 120
     while job_running(job_id) and time.monotonic() < deadline:
         time.sleep(0.5)
     return 130 if stop[0] == signal.SIGINT else 143
+
+
+# how a job ends when SLURM ended it: the run failed (``--resume`` continues it)
+FAILED_STATES = ("NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "DEADLINE")
+
+
+def _account(job_id: str, rd: RunDirectory, code: int) -> int:
+    """After a run that did not complete: add SLURM's account of its job to ``run.json``
+    (its supervisor saw only a SIGTERM, or nothing), and the exit code that goes with it."""
+    deadline = time.monotonic() + 60
+    while job_running(job_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    end = job_end(job_id)
+    info = rd.run_info()
+    if end is None or end.startswith("COMPLETED") or info is None or f"SLURM job {job_id}" in (info.reason or ""):
+        return code
+    why = f"SLURM job {job_id} ended {end}"
+    failed = end.startswith(FAILED_STATES)
+    if failed:
+        info.lost(f"{info.reason}; {why}" if info.reason else why, time.time())
+    else:  # cancelled: the run stopped as it says, and now says by whom
+        info.reason = f"{info.reason}; {why}" if info.reason else why
+    write_json_atomic(rd.run_json, info.to_json())
+    print(f"run: {info.status} - {info.reason}" + ("; --resume continues from the last checkpoint" if failed else ""),
+          flush=True)
+    return EXIT_FAILED if failed else code
 
 
 def submit_run(cfg: VlmrlConfig, config_path: Path, overrides: Sequence[str], *, dry_run: bool = False,

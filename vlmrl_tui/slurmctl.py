@@ -56,8 +56,8 @@ def job_end(job_id: str) -> str | None:
         return None
     extra = [f"reason {fields['Reason']}"] if fields.get("Reason", "None") != "None" else []
     if state == "NODE_FAIL" and fields.get("NodeList"):
-        extra.append(f"nodes {fields['NodeList']}")
-    return state + (f" ({', '.join(extra)})" if extra else "")
+        extra.append(f"job nodes {fields['NodeList']}")
+    return state + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def node_addr(node: str) -> str:
@@ -75,7 +75,9 @@ def render_sbatch(cfg: VlmrlConfig, inside: Sequence[str], run_dir: Path, cwd: P
     lines = ["#!/bin/bash", f"#SBATCH --job-name=vlmrl-{cfg.run_name}",
              f"#SBATCH --nodes={sl.inference_nodes + sl.trainer_nodes}", "#SBATCH --ntasks-per-node=1",
              f"#SBATCH --time={sl.time}", f"#SBATCH --output={RunDirectory(run_dir).slurm_output()}",
-             f"#SBATCH --chdir={cwd}"]
+             f"#SBATCH --chdir={cwd}",
+             # a requeued job would start the run over; a lost node ends it, and --resume continues
+             "#SBATCH --no-requeue"]
     if sl.partition:
         lines.append(f"#SBATCH --partition={sl.partition}")
     if sl.account:
