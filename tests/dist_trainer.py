@@ -77,6 +77,7 @@ def main() -> int:
     ap.add_argument("--uniform-first-group", action="store_true")
     ap.add_argument("--sync", nargs=3, default=None, metavar=("URL", "TOKEN", "PORT"))
     ap.add_argument("--sync-repeats", type=int, default=1, help="push the weights this many times (timed)")
+    ap.add_argument("--server-ranks", type=int, default=1, help="the server's ranks (vLLM TP x DP)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -89,7 +90,8 @@ def main() -> int:
         from backend.weight_sync import WeightSyncClient
 
         url, token, port = a.sync
-        sync = WeightSyncClient(url, token, backend="gloo", host="127.0.0.1", port=int(port), bucket_bytes=1 << 18)
+        sync = WeightSyncClient(url, token, backend="gloo", host="127.0.0.1", port=int(port), bucket_bytes=1 << 18,
+                                server_ranks=a.server_ranks)
     source = FixedSource(processor, a.uniform_first_group)
     tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor), cfg,
                                env=make_env("colors", {}), run_dir=a.out / "run", log=lambda s: None, dist=info,

@@ -184,6 +184,12 @@ def vllm_server_env(cfg: VlmrlConfig) -> dict[str, str]:
         env["HF_HUB_OFFLINE"] = "1"
     if not on_gpu(cfg):
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB))
+        ranks = server_ranks(cfg)
+        if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's automatic binding wants one NUMA node per CPU worker, which one-socket
+            # machines lack: share the cores out instead
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // ranks))
     return env
 
 

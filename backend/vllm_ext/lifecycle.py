@@ -169,8 +169,16 @@ class WeightSyncLifecycleMiddleware:
         return engine
 
     async def _rpc(self, engine: Any, method: str) -> list[Any]:
-        """A worker-extension call on every worker; ``[]`` when the extension is missing."""
+        """A worker-extension call on every worker of every engine; ``[]`` when the extension
+        is missing.
+
+        With data parallelism ``AsyncLLM.collective_rpc`` reaches every engine but returns the
+        first engine's answers only, so the call goes to each engine core for all of them."""
+        every = getattr(getattr(engine, "engine_core", None), "call_utility_all_async", None)
         try:
+            if every is not None:
+                per_engine = await every("collective_rpc", method, None, (), None)
+                return [w for ws in per_engine for w in (ws if isinstance(ws, (list, tuple)) else [ws])]
             res = await engine.collective_rpc(method)
         except Exception as e:  # noqa: BLE001 - the extension is optional for the routes themselves
             log.warning("collective_rpc(%s) failed: %s", method, e)
