@@ -20,6 +20,7 @@ N ranks make the update one rank makes on the same batch.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -176,6 +177,76 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def full_tensors(ts: Sequence[torch.Tensor], max_bytes: int = 16 << 20) -> list[torch.Tensor]:
+    """The whole tensors of ``ts``, as :func:`full_tensor` gives them one by one, but gathered
+    with one collective per group of about ``max_bytes`` (per rank) instead of one per tensor:
+    a weight sync from two ranks was 3.5x slower than from one with a gather per tensor.
+    Every rank must call it with the same tensors in the same order.
+
+    FSDP2 shards dim 0 as ``torch.chunk`` does (ceil(n / world) rows per rank, the last ranks
+    with fewer or none); each rank's shards are padded to that size, concatenated, gathered,
+    and cut back. Tensors sharded any other way go through ``full_tensor``."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    out: list[torch.Tensor | None] = [None if isinstance(t, DTensor) else t for t in ts]
+    batchable = [i for i, t in enumerate(ts) if isinstance(t, DTensor) and t.device_mesh.ndim == 1
+                 and tuple(t.placements) == (Shard(0),) and t.dim() > 0]
+    for i, t in enumerate(ts):
+        if out[i] is None and i not in batchable:
+            out[i] = t.full_tensor()  # type: ignore[union-attr]
+    groups: dict[tuple[Any, torch.dtype, torch.device], list[list[int]]] = {}
+    for i in batchable:
+        t = ts[i]
+        key = (t.device_mesh, t.dtype, t.device)  # type: ignore[union-attr]
+        runs = groups.setdefault(key, [[]])
+        size = sum(_padded_numel(ts[j]) * ts[j].element_size() for j in runs[-1])
+        if runs[-1] and size + _padded_numel(t) * t.element_size() > max_bytes:
+            runs.append([])
+        runs[-1].append(i)
+    # every rank built the same groups from the same tensors: the collectives line up
+    for (mesh, dtype, device), runs in groups.items():
+        for run in runs:
+            for i, full in zip(run, _gather_run([ts[i] for i in run], mesh, dtype, device)):
+                out[i] = full
+    return [t for t in out if t is not None]
+
+
+def _padded_numel(t: torch.Tensor) -> int:
+    """Elements of one rank's padded shard of ``t`` (ceil(rows / world) rows)."""
+    world = t.device_mesh.size()  # type: ignore[attr-defined]
+    return -(-t.shape[0] // world) * math.prod(t.shape[1:])
+
+
+def _gather_run(ts: list[Any], mesh: Any, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    world = mesh.size()
+    sizes = [_padded_numel(t) for t in ts]
+    flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+    offset = 0
+    for t, n in zip(ts, sizes):
+        local = t.to_local().reshape(-1)
+        flat[offset: offset + local.numel()].copy_(local)
+        offset += n
+    gathered = torch.empty(world * flat.numel(), dtype=dtype, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+    gather(gathered, flat, group=mesh.get_group())
+    del flat
+    per_rank = gathered.view(world, -1)
+    fulls = []
+    offset = 0
+    for t, n in zip(ts, sizes):
+        rows = t.shape[0]
+        chunk = -(-rows // world)
+        row_numel = n // chunk if chunk else 0
+        pieces = []
+        for r in range(world):
+            have = max(0, min(chunk, rows - r * chunk))  # torch.chunk: the last ranks may hold fewer rows
+            if have:
+                pieces.append(per_rank[r, offset: offset + have * row_numel])
+        fulls.append(torch.cat(pieces).view(t.shape))
+        offset += n
+    return fulls
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded tensor (the tensor itself otherwise)."""
     from torch.distributed.tensor import DTensor
@@ -209,5 +280,5 @@ def _store_barrier(key: str, world: int, timeout_s: float) -> None:
 
 
 __all__ = ["CMD_PUSH", "CMD_SAVE", "CMD_STEP", "CMD_STOP", "Command", "DistInfo", "all_max", "all_min_max",
-           "all_sum", "broadcast_command", "close", "env_world", "full_tensor", "init_from_env", "is_sharded",
+           "all_sum", "broadcast_command", "close", "env_world", "full_tensor", "full_tensors", "init_from_env", "is_sharded",
            "local_tensor", "shard_model", "share", "shard_units"]

@@ -244,8 +244,7 @@ class MultimodalGRPOTrainer:
         from backend.weight_sync import plan_buckets
 
         for items in plan_buckets(self.named_weights(), bucket_bytes, dtype)[done:]:
-            for _, t in items:
-                D.full_tensor(t)
+            D.full_tensors([t for _, t in items])
 
     def sync_weights(self) -> float:
         """Push the current weights to the server (version = step). Returns seconds taken."""
@@ -279,7 +278,7 @@ class MultimodalGRPOTrainer:
                 def materialize(items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
                     nonlocal gathered
                     gathered += 1
-                    return [(n, D.full_tensor(t)) for n, t in items]
+                    return list(zip([n for n, _ in items], D.full_tensors([t for _, t in items])))
 
                 try:
                     self.weight_sync.sync(self.named_weights(), version=self.step, dtype=dtype,

@@ -103,6 +103,16 @@ def test_a_sharded_checkpoint_resumes_on_one_rank_and_on_two(tiny_model_dir: Pat
         assert _max_diff(one_rank["weights"], res["weights"]) < TOL, ranks
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_batched_gathers_give_the_full_tensors(ranks: int) -> None:
+    """One collective per group of tensors (the weight sync's gathers) = DTensor.full_tensor each;
+    three ranks leave uneven and empty shards."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(ranks), str(ROOT / "tests" / "dist_gather.py")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.stdout + proc.stderr)[-3000:]
+
+
 def test_weight_sync_from_two_ranks_makes_the_server_follow(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Rank 0 sends what both ranks gather bucket by bucket: the server then answers greedily
     with exactly the trained weights (its ids are their argmax, its logprobs theirs)."""
