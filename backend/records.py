@@ -241,6 +241,7 @@ class RunInfo:
     version: int = RUN_JSON_VERSION
     slurm_job: str | None = None  # the SLURM job id of a run started by `vlmrl run --slurm`
     nodes: dict[str, list[str]] = field(default_factory=dict)  # process -> the nodes it runs on (SLURM)
+    host: str | None = None  # where the supervisor runs (its pid means something there only)
 
     @property
     def finished(self) -> bool:
@@ -309,6 +310,7 @@ class RunInfo:
             stop_grace_s=_opt_num(d, "stop_grace_s", source),
             processes={str(n): ProcessInfo.from_json(str(n), p, source) for n, p in procs.items()},
             history=entries, version=version, slurm_job=_opt_str(d, "slurm_job", source),
+            host=_opt_str(d, "host", source),
             nodes={str(k): [str(n) for n in v] for k, v in (d.get("nodes") or {}).items() if isinstance(v, list)}
             if isinstance(d.get("nodes"), dict) else {},
         )

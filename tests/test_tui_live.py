@@ -173,3 +173,32 @@ async def test_closing_a_run_the_app_started_can_leave_it_running(live_run: tupl
     assert proc.poll() is None  # headless: the supervisor keeps going
     assert send_command(run_dir, "status")["run"]["status"] == "running"  # and --attach can reconnect
     assert json.loads((run_dir / "run.json").read_text())["processes"]["trainer"]["status"] == "running"
+
+
+@pytest.mark.asyncio
+async def test_a_run_whose_supervisor_died_is_shown_ended_and_recorded(tmp_path: Path) -> None:
+    """kill -9 of the supervisor (as when its node or SLURM job is lost): the dashboard does not
+    show the run live forever; it records the end in run.json and shows it failed."""
+    proc, run_dir = start_supervised_run(tmp_path)
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        while run_info(run_dir).get("status") != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert run_info(run_dir).get("status") == "running"
+        proc.kill()
+        proc.wait(timeout=10)
+        app = make_app(run_dir)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.processes.run is not None and app.processes.run.status == "failed",
+                           timeout=30, what="run shown failed")
+            assert "is gone and the run did not finish" in (run_info(run_dir).get("reason") or "")
+            assert "failed" in screen_text(app)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stand-ins, should PDEATHSIG have missed one
+        except ProcessLookupError:
+            pass

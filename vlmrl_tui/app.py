@@ -22,6 +22,7 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from backend.records import PROC_PREPARE, PROC_TRAINER, RunInfo
+from backend.rundir import RunDirectory
 from vlmrl_tui.panes.gpus import GpuReport, GpusPane, start_sampler
 from vlmrl_tui.panes.logs import LogsPane, LogView
 from vlmrl_tui.panes.messages import (
@@ -36,6 +37,7 @@ from vlmrl_tui.panes.picker import RunPickerScreen
 from vlmrl_tui.panes.processes import ProcessesPane
 from vlmrl_tui.panes.rollouts import RolloutsPane
 from vlmrl_tui.panes.screens import ConfirmScreen, HelpScreen, QuitScreen
+from vlmrl_tui.proctree import record_lost, supervisor_alive
 from vlmrl_tui.watch import DEFAULT_SCROLLBACK, ProcessSampler, RunFeed, display_path
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ PROCESSES_WIDTH = 84  # the processes pane (app.tcss); the GPU pane shares the r
 GPU_TABLE_WIDTH = 62  # what the GPU table needs; the no-GPU sentence wraps into less
 BUSY_LINES = 100  # log lines in one poll from which the feed polls every poll_s, not idle_poll_s
 MIN_BATCH_GAP_S = 0.02  # the reader worker's shortest pause after posting a batch
+LIVENESS_S = 5.0  # how often a live-looking run's supervisor is checked (a SLURM run asks squeue)
 
 
 def _default_send_command(run_dir: Path, cmd: str, proc: str | None = None, timeout: float = 5.0) -> dict:
@@ -259,10 +262,15 @@ class VlmrlApp(App[str | None]):
         """Sample CPU/RSS/health of the live processes every ``stats_s``."""
         worker = get_current_worker()
         sampler = ProcessSampler(health_every_s=self.health_s)
+        checked = time.monotonic()
         while not worker.is_cancelled:
             pids, health = dict(self._pids), dict(self._health)
             if pids:
                 self.post_message(ProcStatsUpdated(sampler.sample(pids, health)))
+            run = self.run_view
+            if run is not None and not run.finished and time.monotonic() - checked >= LIVENESS_S:
+                checked = time.monotonic()
+                self._check_supervisor(run)
             launched = self.launched
             if launched is not None and not self._launch_warned:
                 code = launched.process.poll()
@@ -274,6 +282,15 @@ class VlmrlApp(App[str | None]):
                         severity="error", timeout=15,
                     )
             worker.cancelled_event.wait(self.stats_s)
+
+    def _check_supervisor(self, run: RunInfo) -> None:
+        """(stats thread) A run whose supervisor died unfinished (kill -9, its SLURM job or node
+        lost) would look live forever: record its end in run.json, which the feed then shows."""
+        if self.run_dir is None or supervisor_alive(run):
+            return
+        ended = record_lost(RunDirectory(self.run_dir), run)
+        if ended is run:  # our account, not the supervisor's own last words
+            self.call_from_thread(self.notify, f"run {ended.status}: {ended.reason}", severity="error", timeout=30)
 
     @on(ProcStatsUpdated)
     def _stats_updated(self, message: ProcStatsUpdated) -> None:

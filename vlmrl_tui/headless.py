@@ -45,9 +45,9 @@ from backend.records import (
     state_line,
     step_line,
 )
-from backend.rundir import RunDirectory, failure_lines, last_lines, write_json_atomic
+from backend.rundir import RunDirectory, failure_lines, last_lines
 from vlmrl_tui.plan import Placement, RunPlan, build_plan, format_plan, run_dir_problem
-from vlmrl_tui.proctree import supervisor_alive
+from vlmrl_tui.proctree import record_lost, supervisor_alive
 from vlmrl_tui.supervisor import LOG_TAIL_LINES, Supervisor, SupervisorEvent
 from vlmrl_tui.watch import RunFeed, strip_ansi
 
@@ -360,17 +360,11 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
                 if not follow:
                     return 0
                 if not supervisor_alive(info):
-                    last, _ = feed.run_info()  # its last words, written as it went
-                    if last is not None and last.finished:
-                        info = last
+                    ended = record_lost(rd, info)  # its own last words, or the account of its end
+                    if ended is not info:
+                        info = ended
                         continue
-                    status, why = _gone(info)
-                    info.lost(why, time.time(), status)
-                    try:  # what happened stays in run.json for the next reader
-                        write_json_atomic(rd.run_json, info.to_json())
-                    except OSError as e:
-                        view.line(f"warning: could not record the end in {rd.run_json}: {e}")
-                    view.line(f"run: {status} - {why}")
+                    view.line(f"run: {info.status} - {info.reason}")
                     code = info.exit_code if info.exit_code is not None else EXIT_FAILED
                     view.summary(info, code, rd.path)
                     return code
@@ -395,19 +389,6 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
         except KeyboardInterrupt:
             view.line("detached; the run goes on")
             return EXIT_INTERRUPTED
-
-
-def _gone(info: RunInfo) -> tuple[str, str]:
-    """How a run whose supervisor is gone ended (failed, or stopped when its SLURM job was
-    cancelled), and why, as far as this host can tell."""
-    if info.slurm_job is not None:
-        from vlmrl_tui.slurmctl import job_end
-
-        end = job_end(info.slurm_job)
-        return (RUN_STOPPED if end and end.startswith("CANCELLED") else RUN_FAILED,
-                f"SLURM job {info.slurm_job} " + (f"ended {end}" if end else "is no longer listed")
-                + " before the run finished")
-    return RUN_FAILED, f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish"
 
 
 def _attach_end(view: HeadlessView, info: RunInfo, rd: RunDirectory) -> int:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Callable
@@ -22,7 +23,8 @@ from typing import Callable
 import psutil
 
 from backend import contract
-from backend.records import RunInfo
+from backend.records import RUN_FAILED, RUN_STOPPED, RunInfo
+from backend.rundir import RunDirectory, write_json_atomic
 
 REAP_POLL_S = 0.05
 KILL_WAIT_S = 5.0  # how long SIGKILLed processes may take to disappear
@@ -164,11 +166,14 @@ def supervisor_alive(info: RunInfo) -> bool:
     """Whether the supervisor that wrote ``info`` still runs (not a later owner of its pid).
 
     For a run inside a SLURM job, whether the job still runs (``squeue``): its supervisor
-    may live on a node whose processes this host cannot see."""
+    may live on a node whose processes this host cannot see. A supervisor on another host
+    (``run.json``'s ``host``) counts as alive: its pid says nothing here."""
     if info.slurm_job is not None:
         from vlmrl_tui.slurmctl import job_running
 
         return job_running(info.slurm_job)
+    if info.host is not None and info.host != socket.gethostname():
+        return True  # another machine's pid: this one cannot tell, so it does not declare it dead
     if info.supervisor_pid is None:
         return False
     try:
@@ -178,6 +183,29 @@ def supervisor_alive(info: RunInfo) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def record_lost(rd: RunDirectory, info: RunInfo) -> RunInfo:
+    """The run of ``info``, whose supervisor is gone: its own last ``run.json`` if that says the
+    run ended, else ``info`` marked ended (failed; stopped when its SLURM job was cancelled)
+    with why, written back so every later reader finds the account."""
+    last = rd.run_info()
+    if last is not None and last.finished:
+        return last
+    status, why = RUN_FAILED, f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish"
+    if info.slurm_job is not None:
+        from vlmrl_tui.slurmctl import job_end
+
+        end = job_end(info.slurm_job)
+        status = RUN_STOPPED if end and end.startswith("CANCELLED") else RUN_FAILED
+        why = f"SLURM job {info.slurm_job} " + (f"ended {end}" if end else "is no longer listed") + \
+            " before the run finished"
+    info.lost(why, time.time(), status)
+    try:
+        write_json_atomic(rd.run_json, info.to_json())
+    except OSError:
+        pass  # a read-only run directory: the caller still shows the account
+    return info
 
 
 def make_preexec() -> Callable[[], None] | None:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ class Supervisor:
             ports={"server": plan.server_port, "sync": plan.sync_port}, server_url=plan.server_url,
             engine=plan.engine, model=plan.model, max_steps=plan.max_steps, stop_grace_s=self.grace_s,
             slurm_job=plan.slurm_job, nodes={k: list(v) for k, v in plan.nodes.items()},
+            host=socket.gethostname(),
         )
         self._preexec = proctree.make_preexec()
         self._token = plan.shared_env.get(contract.ENV_RUN_TOKEN)
