@@ -151,6 +151,21 @@ def test_cli_config_check_ok_and_broken(tmp_path: Path) -> None:
     assert f"{bad}: trainer.args.learning_rat: unknown key" in lines[0]
 
 
+def test_cli_config_check_refuses_what_the_config_names_but_cannot_be_found(tmp_path: Path) -> None:
+    """An unknown environment or a model path that does not exist: refused by config check too
+    (not only by vlmrl run's preflight), one line naming the file and the key, exit 2."""
+    cases = {"env.id=colorz": ("env.id", "unknown environment 'colorz'", "did you mean 'colors'?"),
+             f"model={tmp_path / 'nope'}": ("model", f"{tmp_path / 'nope'}: no such directory", "")}
+    for override, (key, what, hint) in cases.items():
+        res = _cli("config", "check", "configs/colors-tiny.toml", override)
+        assert res.returncode == 2, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: configs/colors-tiny.toml: {key}: {what}"), lines
+        assert hint in lines[0] and "Traceback" not in res.stderr and res.stdout == ""
+    ok = _cli("config", "check", "configs/colors-tiny.toml")
+    assert "the machine's checks: vlmrl doctor configs/colors-tiny.toml" in ok.stdout
+
+
 def test_cli_config_show_fills_defaults() -> None:
     res = _cli("config", "show", "configs/colors-tiny.toml")
     assert res.returncode == 0, res.stderr

@@ -43,11 +43,19 @@ def config_check(
     config: Path = typer.Argument(..., help="config TOML file"),
     overrides: Optional[List[str]] = OverridesArg,
 ) -> None:
-    """Validate CONFIG and print the resolved config (exit 2 on a problem)."""
+    """Validate CONFIG: its syntax, keys and values, and what it names (the model, the
+    environment); print the resolved config (exit 2 on a problem). The machine's checks
+    (GPUs, ports, NCCL, vLLM, memory) are `vlmrl doctor CONFIG`'s."""
     from backend.config import config_to_toml
+    from vlmrl_tui.doctor import FAIL, config_checks
 
     cfg = _load(config, overrides)
-    typer.echo(f"{config}: ok")
+    problems = [(key, r) for key, r in config_checks(cfg) if r.status == FAIL]
+    for key, r in problems:
+        typer.echo(f"error: {config}: {key}: {r.message}" + (f" ({r.fix})" if r.fix else ""), err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"{config}: ok (the machine's checks: vlmrl doctor {config})")
     typer.echo(config_to_toml(cfg), nl=False)
 
 

@@ -306,6 +306,13 @@ def check_run_dir(cfg: VlmrlConfig, plan: Any) -> CheckResult:
     return CheckResult("run dir", OK, f"{plan.run_dir} {state}")
 
 
+def config_checks(cfg: VlmrlConfig) -> list[tuple[str, CheckResult]]:
+    """The checks of what the config names, with the key each is about: the model (a builtin,
+    a local directory, a hub id) and the environment. ``vlmrl config check`` runs these; every
+    other check is about the machine (``vlmrl doctor``)."""
+    return [("model", check_model(cfg, os.environ)), ("env.id", check_env_id(cfg, fast=True))]
+
+
 # ----- all together -----
 
 
