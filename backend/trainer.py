@@ -261,8 +261,9 @@ class MultimodalGRPOTrainer:
         """Send the current weights as version ``step``; the server then holds them.
 
         Sharded: every rank gathers each bucket's full tensors as rank 0 packs it (and, if the
-        sync fails half-way, the rest too, so the ranks stay in step); memory above the shard
-        is about one bucket."""
+        sync fails half-way, the rest too, so the ranks stay in step), with one collective per
+        group of tensors (:func:`backend.distributed.full_tensors`); memory above the shard is
+        one bucket plus one gather buffer (at most 16 MB per rank)."""
         assert self.weight_sync is not None
         # master weights are wider than what the server computes in
         dtype = self.precision.compute_dtype if self.precision.autocast else None
