@@ -369,6 +369,22 @@ def _vllm_importable() -> bool:
     return r.returncode == 0
 
 
+def _vlmrl_run(ctx: Context, name: str, config: Path, overrides: list[str],
+               timeout_s: float) -> tuple[Any, list[Any], str | None]:
+    """``vlmrl run CONFIG OVERRIDES`` into ``<workdir>/runs/<name>``: (its RunDirectory, its
+    metric records, None) or (..., why it failed)."""
+    from backend.records import MetricRecord
+    from backend.rundir import RunDirectory, read_jsonl
+
+    rd = RunDirectory(ctx.workdir / "runs" / name)
+    argv = [sys.executable, "-m", "vlmrl_tui.cli", "run", str(config), *overrides,
+            "--output-dir", str(rd.path.parent), "--name", name]
+    rc, log = _run_logged(ctx, name, argv, timeout_s)
+    if rc != 0:
+        return rd, [], f"vlmrl run exited {'(timeout)' if rc is None else rc}: {_log_tail(log)}"
+    return rd, [m for x in read_jsonl(rd.metrics) if (m := MetricRecord.from_json(x)) is not None], None
+
+
 @stage("colour-job", "vlmrl run of the colour job, 3 steps, server and trainer on one device")
 def colour_job(ctx: Context) -> Outcome:
     """``vlmrl run configs/colors-tiny-gpu.toml`` (vLLM and the trainer sharing GPU 0, weights
@@ -379,17 +395,11 @@ def colour_job(ctx: Context) -> Outcome:
     if not ctx.cpu and not _vllm_importable():  # the NCCL sync still runs, against the hf engine
         overrides.append("inference.engine=hf")
         engine = "hf (vllm not importable here)"
-    run_dir = ctx.workdir / "runs" / "colour-job"
-    argv = [sys.executable, "-m", "vlmrl_tui.cli", "run", str(config), *overrides,
-            "--output-dir", str(run_dir.parent), "--name", run_dir.name]
-    rc, log = _run_logged(ctx, "colour-job", argv, 300 if ctx.cpu else 480)
-    if rc != 0:
-        return failed(f"vlmrl run exited {'(timeout)' if rc is None else rc}: {_log_tail(log)}")
-    from backend.records import SYNC_S, STEP_S, REWARD_MEAN, MetricRecord
-    from backend.rundir import RunDirectory, read_jsonl
+    rd, lines, why = _vlmrl_run(ctx, "colour-job", config, overrides, 300 if ctx.cpu else 480)
+    if why is not None:
+        return failed(why)
+    from backend.records import SYNC_S, STEP_S, REWARD_MEAN
 
-    rd = RunDirectory(run_dir)
-    lines = [m for x in read_jsonl(rd.metrics) if (m := MetricRecord.from_json(x)) is not None]
     if len(lines) != 3:
         return failed(f"{len(lines)} metric lines in {rd.metrics}, expected 3")
     syncs = [m.get(SYNC_S) or 0.0 for m in lines]
@@ -420,17 +430,11 @@ def scale_out(ctx: Context) -> Outcome:
         overrides = ["trainer.gpus=2", "inference.gpus=2", "run.share_gpus=true"]
     overrides += ["inference.args.tensor_parallel_size=2", "trainer.args.max_steps=2", "trainer.args.save_every=0",
                   f"inference.port={free_port()}"]
-    run_dir = ctx.workdir / "runs" / "scale-out"
-    argv = [sys.executable, "-m", "vlmrl_tui.cli", "run", str(config), *overrides,
-            "--output-dir", str(run_dir.parent), "--name", run_dir.name]
-    rc, log = _run_logged(ctx, "scale-out", argv, 420 if ctx.cpu else 600)
-    if rc != 0:
-        return failed(f"vlmrl run exited {'(timeout)' if rc is None else rc}: {_log_tail(log)}")
-    from backend.records import SYNC_S, MetricRecord
-    from backend.rundir import RunDirectory, read_jsonl
+    rd, lines, why = _vlmrl_run(ctx, "scale-out", config, overrides, 420 if ctx.cpu else 600)
+    if why is not None:
+        return failed(why)
+    from backend.records import SYNC_S
 
-    rd = RunDirectory(run_dir)
-    lines = [m for x in read_jsonl(rd.metrics) if (m := MetricRecord.from_json(x)) is not None]
     syncs = [m.get(SYNC_S) or 0.0 for m in lines]
     if len(lines) != 2 or not all(x > 0 for x in syncs):
         return failed(f"{len(lines)} metric lines, sync_s {syncs}: expected 2 steps, each synced")
