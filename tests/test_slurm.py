@@ -282,7 +282,11 @@ def test_a_lost_node_or_scancel_ends_the_run_with_slurms_account_and_resume_cont
     cancelled = RunInfo.read(rd / "run.json")
     assert cancelled is not None and cancelled.status == "stopped" and "CANCELLED" in (cancelled.reason or "")
 
-    last = int(sorted((rd / "checkpoints").iterdir(), key=lambda d: int(d.name))[-1].name)
+    from backend.rundir import RunDirectory
+
+    latest = RunDirectory(rd).latest_checkpoint()  # complete ones only: a cancel may cut a save short
+    assert latest is not None
+    last = int(latest.name)
     cfg.write_text(cfg.read_text().replace("max_steps = 400", f"max_steps = {last + 2}"))
     r = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "run", str(cfg), "--slurm", "--resume"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT, env=cluster)
