@@ -226,7 +226,9 @@ def test_stop_escalates_to_sigkill_after_the_grace_period(tmp_path: Path) -> Non
     code, _, info = supervise(plan, driver)
     took = time.monotonic() - timing["stop"]
     assert code == 130
-    assert took < 1.0 + 1.0, took
+    # the grace period is waited out, then SIGKILL; the upper bound only says "not stuck"
+    # (a loaded 2-core machine delays everything, so no tight wall-clock limit here)
+    assert 1.0 <= took < 1.0 + 10.0, took
     server, trainer = info["processes"]["server"], info["processes"]["trainer"]
     assert server["status"] == "killed" and server["signal"] == "SIGKILL"  # ignored SIGTERM
     assert trainer["status"] == "stopped" and trainer["signal"] == "SIGTERM"
@@ -248,7 +250,7 @@ def test_kill_after_stop_does_not_wait_for_the_grace_period(tmp_path: Path) -> N
 
     code, _, info = supervise(plan, driver)
     assert code == 130
-    assert time.monotonic() - timing["stop"] < 3.0
+    assert time.monotonic() - timing["stop"] < 15.0  # far below the 30 s grace it must not wait for
     assert {p["status"] for p in info["processes"].values()} == {"killed"}
     assert_nothing_left(tmp_path)
 

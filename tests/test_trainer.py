@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -303,9 +303,11 @@ class ReplaySource:
     def __init__(self, by_step: dict[int, list[Rollout]], events: list[str]) -> None:
         self.by_step = by_step
         self.events = events
+        self.asked = {s: threading.Event() for s in by_step}
 
     def collect(self, env: Any, examples: Sequence[Any], n: int, *, step: int, **kw: Any) -> list[Rollout]:
         self.events.append(f"collect {step}")
+        self.asked[step].set()
         return self.by_step[step]
 
 
@@ -316,11 +318,15 @@ def test_with_a_server_the_next_rollouts_are_requested_while_the_step_trains(
     tr = _trainer(tiny_model_dir, _cfg(max_steps=3, async_level=async_level))
     by_step = {s: _with_mixed_rewards(_fixed_rollouts(tr, s)) for s in (1, 2, 3)}
     events: list[str] = []
-    tr.rollout_source = ReplaySource(by_step, events)
+    source = ReplaySource(by_step, events)
+    tr.rollout_source = source
     inner = tr.train_step
 
     def train_step(rollouts: list[Rollout]) -> dict[str, Any]:
-        time.sleep(0.2)  # long enough for the rollout thread to ask for the next step
+        nxt = rollouts[0].step + 1
+        if async_level and nxt in source.asked:  # the rollout thread asks while this step trains
+            assert source.asked[nxt].wait(60), f"step {nxt}'s rollouts were not asked for during step {nxt - 1}"
+        # without async the main thread alone collects: the order is the code's, nothing to wait for
         out = inner(rollouts)
         events.append(f"trained {rollouts[0].step}")
         return out

@@ -184,7 +184,7 @@ def test_waiting_for_a_gpu_work_sleeps_until_it_ran_instead_of_spinning() -> Non
         client.close()
     print(f"waited 1 s for a GPU work: {cpu * 1000:.1f} ms of CPU, returned {late * 1000:.1f} ms after it ran")
     assert work.waited, "wait() must still be called: it raises the collective's error"
-    assert 0 <= late < 0.05
+    assert 0 <= late < 0.5  # woken by the work, not by a coarse poll (a loaded machine adds its delay)
     assert cpu < 0.1, f"{cpu:.2f}s of CPU in a 1 s wait: spinning"
 
 
@@ -197,14 +197,14 @@ def test_a_wait_ends_when_the_server_call_fails_or_at_the_timeout_and_aborts_the
         t0 = time.monotonic()
         with pytest.raises(WeightSyncError, match="server side failed: answered 500"):
             client._wait("broadcasting bucket 1/3", SlowGpuWork(60), http)
-        assert 0.15 < time.monotonic() - t0 < 0.45
+        assert 0.15 < time.monotonic() - t0 < 5.0  # at the failure, far before the work's 60 s
         assert pg.calls == ["abort"] and client.pg is None
 
         client.pg = pg = RecordingGroup()
         t0 = time.monotonic()
         with pytest.raises(WeightSyncError, match="not done within 0.5s"):
             client._wait("broadcasting bucket 2/3", SlowGpuWork(60), None)
-        assert 0.45 < time.monotonic() - t0 < 1.0
+        assert 0.45 < time.monotonic() - t0 < 5.0  # at the 0.5 s timeout, far before the work's 60 s
         assert pg.calls == ["abort"]
 
         client.pg = pg = RecordingGroup()
@@ -335,7 +335,7 @@ def test_aborting_a_group_with_work_pending_returns_at_once() -> None:
         t0 = time.monotonic()
         groups.abort_group(pg)
         del pg  # the caller's last reference: the group's destructor would wait for the send (5 s)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0  # not the destructor's 5 s wait for the send
         with pytest.raises(WeightSyncError):
             groups.wait_work(work, 10, "the pending broadcast")  # it still ends, at gloo's timeout
     finally:
@@ -441,7 +441,10 @@ DYING_TRAINER = textwrap.dedent("""
             "shapes": [[4, 4]], "packed": True}
     threading.Thread(target=lambda: httpx.post(url + "/update_weights", json={"update_info": info}, headers=h,
                                                timeout=30), daemon=True).start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while httpx.get(url + "/weight_info", headers=h, timeout=10).json()["group"]["buckets_posted"] < 1:
+        assert time.monotonic() < deadline, "the server never posted the bucket's receive"
+        time.sleep(0.05)  # die only once the server waits for the bytes: a death mid-update
     print("dying mid-update", flush=True)
     os._exit(3)
 """)
@@ -463,6 +466,7 @@ def test_a_trainer_dying_mid_update_never_hangs_the_server(server: ServerProc, t
         time.sleep(0.2)
     assert info["group"]["joined"] is False
     assert time.monotonic() - t0 < 30
+    assert "receiving a bucket of 64 bytes failed" in server.log()  # it died mid-receive, as meant
     assert httpx.get(server.url + contract.ROUTE_HEALTH).status_code == 200
     r = httpx.post(server.url + contract.ROUTE_CHAT, json={"messages": [{"role": "user", "content": "hi"}],
                                                            "max_tokens": 2}, timeout=30)

@@ -450,7 +450,8 @@ class HFEngine:
         return {"weight_version": self.weight_version, "parameters": params, "updating": self.updating,
                 "ordered_updates": True, "init_probe": True, "flat_parameters": self.layout is not None,
                 "group": {"joined": self.receiver.ready, "rank": self.receiver.rank,
-                          "world_size": self.receiver.world_size, "backend": self.receiver.backend}}
+                          "world_size": self.receiver.world_size, "backend": self.receiver.backend,
+                          "buckets_posted": self.receiver.posted}}
 
     def begin_update(self) -> None:
         """``/start_weight_update``: finish the running batch, then hold new ones."""

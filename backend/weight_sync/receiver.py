@@ -114,6 +114,11 @@ class WeightReceiver:
         self.in_place = 0
         self.loaded_any = False
 
+    @property
+    def posted(self) -> int:
+        """Buckets of this update whose receive was posted (received, or on the wire now)."""
+        return self._next_index
+
     def receive(self, update_info: Any, known: Callable[[str, list[int]], str | None] | None = None,
                 layout: FlatLayout | None = None) -> dict[str, Any]:
         """Receive one flat bucket (blocks for the broadcast) and queue its load.
