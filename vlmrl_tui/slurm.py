@@ -111,10 +111,12 @@ def _account(job_id: str, rd: RunDirectory, code: int) -> int:
         time.sleep(0.5)
     end = job_end(job_id)
     info = rd.run_info()
-    if end is None or end.startswith("COMPLETED") or info is None or f"SLURM job {job_id}" in (info.reason or ""):
+    if end is None or info is None or f"SLURM job {job_id}" in (info.reason or ""):
         return code
-    why = f"SLURM job {job_id} ended {end}"
     failed = end.startswith(FAILED_STATES)
+    if not failed and not end.startswith("CANCELLED"):
+        return code  # the job ended because the run did (COMPLETED, FAILED): run.json already says why
+    why = f"SLURM job {job_id} ended {end}"
     if failed:
         info.lost(f"{info.reason}; {why}" if info.reason else why, time.time())
     else:  # cancelled: the run stopped as it says, and now says by whom
