@@ -31,7 +31,6 @@ from backend import lora, records
 from backend.rundir import RunDirectory, checkpoint_complete, write_json_atomic
 
 
-
 def _numpy_rng_state() -> Any:
     try:
         import numpy as np

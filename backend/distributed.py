@@ -188,27 +188,29 @@ def full_tensors(ts: Sequence[torch.Tensor], max_bytes: int = 16 << 20) -> list[
     and cut back. Tensors sharded any other way go through ``full_tensor``."""
     from torch.distributed.tensor import DTensor, Shard
 
-    out: list[torch.Tensor | None] = [None if isinstance(t, DTensor) else t for t in ts]
-    batchable = [i for i, t in enumerate(ts) if isinstance(t, DTensor) and t.device_mesh.ndim == 1
-                 and tuple(t.placements) == (Shard(0),) and t.dim() > 0]
+    out = list(ts)
+    runs: dict[tuple[Any, torch.dtype, torch.device], list[list[int]]] = {}  # per kind, groups of indices
+    filled: dict[tuple[Any, torch.dtype, torch.device], int] = {}  # bytes in each kind's last group
     for i, t in enumerate(ts):
-        if out[i] is None and i not in batchable:
-            out[i] = t.full_tensor()  # type: ignore[union-attr]
-    groups: dict[tuple[Any, torch.dtype, torch.device], list[list[int]]] = {}
-    for i in batchable:
-        t = ts[i]
-        key = (t.device_mesh, t.dtype, t.device)  # type: ignore[union-attr]
-        runs = groups.setdefault(key, [[]])
-        size = sum(_padded_numel(ts[j]) * ts[j].element_size() for j in runs[-1])
-        if runs[-1] and size + _padded_numel(t) * t.element_size() > max_bytes:
-            runs.append([])
-        runs[-1].append(i)
+        if not isinstance(t, DTensor):
+            continue
+        if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or t.dim() == 0 or t.shape[0] == 0:
+            out[i] = t.full_tensor()
+            continue
+        key = (t.device_mesh, t.dtype, t.device)
+        nbytes = _padded_numel(t) * t.element_size()
+        groups = runs.setdefault(key, [[]])
+        if groups[-1] and filled[key] + nbytes > max_bytes:
+            groups.append([])
+            filled[key] = 0
+        groups[-1].append(i)
+        filled[key] = filled.get(key, 0) + nbytes
     # every rank built the same groups from the same tensors: the collectives line up
-    for (mesh, dtype, device), runs in groups.items():
-        for run in runs:
-            for i, full in zip(run, _gather_run([ts[i] for i in run], mesh, dtype, device)):
+    for (mesh, dtype, device), groups in runs.items():
+        for group in groups:
+            for i, full in zip(group, _gather_run([ts[i] for i in group], mesh, dtype, device)):
                 out[i] = full
-    return [t for t in out if t is not None]
+    return out
 
 
 def _padded_numel(t: torch.Tensor) -> int:
@@ -236,7 +238,7 @@ def _gather_run(ts: list[Any], mesh: Any, dtype: torch.dtype, device: torch.devi
     for t, n in zip(ts, sizes):
         rows = t.shape[0]
         chunk = -(-rows // world)
-        row_numel = n // chunk if chunk else 0
+        row_numel = math.prod(t.shape[1:])
         pieces = []
         for r in range(world):
             have = max(0, min(chunk, rows - r * chunk))  # torch.chunk: the last ranks may hold fewer rows
@@ -280,5 +282,5 @@ def _store_barrier(key: str, world: int, timeout_s: float) -> None:
 
 
 __all__ = ["CMD_PUSH", "CMD_SAVE", "CMD_STEP", "CMD_STOP", "Command", "DistInfo", "all_max", "all_min_max",
-           "all_sum", "broadcast_command", "close", "env_world", "full_tensor", "full_tensors", "init_from_env", "is_sharded",
-           "local_tensor", "shard_model", "share", "shard_units"]
+           "all_sum", "broadcast_command", "close", "env_world", "full_tensor", "full_tensors", "init_from_env",
+           "is_sharded", "local_tensor", "shard_model", "share", "shard_units"]

@@ -1,6 +1,6 @@
 """Run under torchrun: ``backend.distributed.full_tensors`` equals ``DTensor.full_tensor`` for
-tensors FSDP2-style sharded on dim 0 (uneven rows, ranks with none, several dtypes), and for
-plain tensors, whatever the group size in bytes. Prints ``ok`` on rank 0."""
+tensors FSDP2-style sharded on dim 0 (uneven rows, ranks with none, no rows at all, several
+dtypes), and for plain tensors, whatever the group size in bytes. Prints ``ok`` on rank 0."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main() -> int:
     assert info is not None, "run under torchrun with 2 or more ranks"
     mesh = init_device_mesh("cpu", (info.world,))
     torch.manual_seed(0)
-    shapes = [(7,), (1,), (5, 3), (2, 4, 3), (560, 128), (3, 1)]
+    shapes = [(7,), (1,), (5, 3), (2, 4, 3), (560, 128), (3, 1), (0, 3)]
     full = [torch.randn(s) for s in shapes] + [torch.randn(4, 4).to(torch.bfloat16)]
     mixed = [distribute_tensor(t, mesh, [Shard(0)]) for t in full] + [torch.randn(2)]
     ref = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in mixed]
