@@ -23,7 +23,7 @@ from typing import Callable
 import psutil
 
 from backend import contract
-from backend.records import RUN_FAILED, RUN_STOPPED, RunInfo
+from backend.records import RUN_FAILED, RunInfo
 from backend.rundir import RunDirectory, write_json_atomic
 
 REAP_POLL_S = 0.05
@@ -194,10 +194,10 @@ def record_lost(rd: RunDirectory, info: RunInfo) -> RunInfo:
         return last
     status, why = RUN_FAILED, f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish"
     if info.slurm_job is not None:
-        from vlmrl_tui.slurmctl import job_end
+        from vlmrl_tui.slurmctl import job_end, run_status_after
 
         end = job_end(info.slurm_job)
-        status = RUN_STOPPED if end and end.startswith("CANCELLED") else RUN_FAILED
+        status = (run_status_after(end) if end else None) or RUN_FAILED
         why = f"SLURM job {info.slurm_job} " + (f"ended {end}" if end else "is no longer listed") + \
             " before the run finished"
     info.lost(why, time.time(), status)

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Sequence
 
 from backend.config import SlurmConfig, VlmrlConfig
-from backend.records import EXIT_FAILED, RunInfo
+from backend.records import EXIT_FAILED, RUN_FAILED, RunInfo
 from backend.rundir import RunDirectory, write_json_atomic
 from vlmrl_tui.plan import Placement
-from vlmrl_tui.slurmctl import SlurmError, _run, inside_argv, job_end, job_running, node_addr, render_sbatch
+from vlmrl_tui.slurmctl import (SlurmError, _run, inside_argv, job_end, job_running, node_addr, render_sbatch,
+                               run_status_after)
 
 
 def placement(cfg: VlmrlConfig, job_id: str, nodelist: str) -> Placement:
@@ -99,10 +100,6 @@ def follow(job_id: str, run_dir: Path, *, poll_s: float = 1.0) -> int:
     return 130 if stop[0] == signal.SIGINT else 143
 
 
-# how a job ends when SLURM ended it: the run failed (``--resume`` continues it)
-FAILED_STATES = ("NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "DEADLINE")
-
-
 def _account(job_id: str, rd: RunDirectory, code: int) -> int:
     """After a run that did not complete: add SLURM's account of its job to ``run.json``
     (its supervisor saw only a SIGTERM, or nothing), and the exit code that goes with it."""
@@ -113,9 +110,10 @@ def _account(job_id: str, rd: RunDirectory, code: int) -> int:
     info = rd.run_info()
     if end is None or info is None or f"SLURM job {job_id}" in (info.reason or ""):
         return code
-    failed = end.startswith(FAILED_STATES)
-    if not failed and not end.startswith("CANCELLED"):
-        return code  # the job ended because the run did (COMPLETED, FAILED): run.json already says why
+    status = run_status_after(end)
+    if status is None:
+        return code  # the job ended because the run did: run.json already says why
+    failed = status == RUN_FAILED
     why = f"SLURM job {job_id} ended {end}"
     if failed:
         info.lost(f"{info.reason}; {why}" if info.reason else why, time.time())

@@ -15,7 +15,14 @@ from typing import Sequence
 
 from backend.config import SlurmConfig, VlmrlConfig
 from backend.errors import VlmrlError
+from backend.records import RUN_FAILED, RUN_STOPPED
 from backend.rundir import RunDirectory
+
+
+# a job in one of these states has not ended
+ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"})
+# SLURM ended the run: it failed, and --resume continues it
+FAILED_STATES = ("NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "DEADLINE")
 
 
 class SlurmError(VlmrlError):
@@ -40,7 +47,7 @@ def job_running(job_id: str) -> bool:
         out = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], "ask whether the job runs", timeout=15)
     except SlurmError:
         return False
-    return out.strip() in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED")
+    return out.strip() in ACTIVE_STATES
 
 
 def job_end(job_id: str) -> str | None:
@@ -52,12 +59,23 @@ def job_end(job_id: str) -> str | None:
         return None
     fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
     state = fields.get("JobState", "")
-    if not state or state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"):
+    if not state or state in ACTIVE_STATES:
         return None
     extra = [f"reason {fields['Reason']}"] if fields.get("Reason", "None") != "None" else []
     if state == "NODE_FAIL" and fields.get("NodeList"):
         extra.append(f"job nodes {fields['NodeList']}")
     return state + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def run_status_after(end: str) -> str | None:
+    """The run status a job end (:func:`job_end`) gives a run that SLURM ended: failed for a
+    lost node, the time limit, a preemption...; stopped for a cancel. None when the job ended
+    because the run did (COMPLETED, FAILED): the run's own account stands."""
+    if end.startswith(FAILED_STATES):
+        return RUN_FAILED
+    if end.startswith("CANCELLED"):
+        return RUN_STOPPED
+    return None
 
 
 def node_addr(node: str) -> str:
@@ -98,4 +116,5 @@ def inside_argv(config_path: Path, overrides: Sequence[str], resume: bool) -> li
     return argv + (["--resume"] if resume else [])
 
 
-__all__ = ["SlurmError", "inside_argv", "job_end", "job_running", "node_addr", "render_sbatch"]
+__all__ = ["ACTIVE_STATES", "FAILED_STATES", "SlurmError", "inside_argv", "job_end", "job_running", "node_addr",
+           "render_sbatch", "run_status_after"]
