@@ -130,11 +130,16 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
 
 @pytest.fixture(scope="module")
 def trainer_side(tiny_model_dir: Path) -> dict[str, Any]:
+    return trainer_parts(tiny_model_dir)
+
+
+def trainer_parts(model_dir: Path) -> dict[str, Any]:
+    """What the trainer holds to score server rollouts: model, processor, adapter, banned ids, bias."""
     from backend.adapters import adapter_for
     from backend.models import load_model_and_processor
     from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
 
-    model, processor = load_model_and_processor(str(tiny_model_dir), dtype="float32", device="cpu")
+    model, processor = load_model_and_processor(str(model_dir), dtype="float32", device="cpu")
     adapter = adapter_for(model.config, None, processor=processor, max_length=1024)
     banned = banned_token_ids(processor.tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0]
