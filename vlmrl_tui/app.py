@@ -288,8 +288,8 @@ class VlmrlApp(App[str | None]):
         lost) would look live forever: record its end in run.json, which the feed then shows."""
         if self.run_dir is None or supervisor_alive(run):
             return
-        ended = record_lost(RunDirectory(self.run_dir), run)
-        if ended is run:  # our account, not the supervisor's own last words
+        ended, ours = record_lost(RunDirectory(self.run_dir), run)  # the feed shows it from run.json
+        if ours:  # our account, not the supervisor's own last words
             self.call_from_thread(self.notify, f"run {ended.status}: {ended.reason}", severity="error", timeout=30)
 
     @on(ProcStatsUpdated)

@@ -360,14 +360,8 @@ def attach_headless(run_dir: str | Path, *, out: TextIO | None = None, tty: bool
                 if not follow:
                     return 0
                 if not supervisor_alive(info):
-                    ended = record_lost(rd, info)  # its own last words, or the account of its end
-                    if ended is not info:
-                        info = ended
-                        continue
-                    view.line(f"run: {info.status} - {info.reason}")
-                    code = info.exit_code if info.exit_code is not None else EXIT_FAILED
-                    view.summary(info, code, rd.path)
-                    return code
+                    info, _ = record_lost(rd, info)  # its own last words, or the account of its end
+                    continue  # ended either way: reported as any finished run
                 time.sleep(poll_s)
                 view.metrics(feed.new_metrics())
                 view.evals(feed.new_evals())

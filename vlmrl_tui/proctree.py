@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -185,13 +186,15 @@ def supervisor_alive(info: RunInfo) -> bool:
         return False
 
 
-def record_lost(rd: RunDirectory, info: RunInfo) -> RunInfo:
-    """The run of ``info``, whose supervisor is gone: its own last ``run.json`` if that says the
-    run ended, else ``info`` marked ended (failed; stopped when its SLURM job was cancelled)
-    with why, written back so every later reader finds the account."""
+def record_lost(rd: RunDirectory, info: RunInfo) -> tuple[RunInfo, bool]:
+    """The run of ``info``, whose supervisor is gone: (its own last ``run.json``, False) if that
+    says the run ended, else (a copy of ``info`` marked ended -- failed; stopped when its SLURM
+    job was cancelled -- with why, True), written back so every later reader finds the account.
+    ``info`` itself is left alone: a view that shows it learns the end from run.json."""
     last = rd.run_info()
     if last is not None and last.finished:
-        return last
+        return last, False
+    info = copy.deepcopy(info)
     status, why = RUN_FAILED, f"the supervisor (pid {info.supervisor_pid}) is gone and the run did not finish"
     if info.slurm_job is not None:
         from vlmrl_tui.slurmctl import job_end, run_status_after
@@ -205,7 +208,7 @@ def record_lost(rd: RunDirectory, info: RunInfo) -> RunInfo:
         write_json_atomic(rd.run_json, info.to_json())
     except OSError:
         pass  # a read-only run directory: the caller still shows the account
-    return info
+    return info, True
 
 
 def make_preexec() -> Callable[[], None] | None:
