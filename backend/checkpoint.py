@@ -3,7 +3,8 @@
 Weights and processor (Hugging Face format, so a checkpoint is also a model directory;
 the weights are streamed to disk one tensor at a time by :func:`save_weights`; with LoRA
 the peft adapter instead, :mod:`backend.lora`),
-optimizer and scheduler (``optimizer.pt``), random generators (``rng.pt``) and
+optimizer and scheduler (``optimizer.pt``), random generators (``rng.pt``; both hold only
+tensors and plain Python values, read back with ``torch.load(weights_only=True)``) and
 ``trainer_state.json`` (step, config, run identity). A checkpoint is written into a
 temporary folder and renamed into place with its ``COMPLETE`` marker inside, so a crash
 mid-write never leaves a checkpoint that looks whole. Names: :mod:`backend.records`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle  # its exception only: every load below is torch.load(weights_only=True)
 import random
 import shutil
 from pathlib import Path
@@ -31,13 +33,43 @@ from backend import lora, records
 from backend.rundir import RunDirectory, checkpoint_complete, write_json_atomic
 
 
-def _numpy_rng_state() -> Any:
+def _numpy_rng_state() -> dict[str, Any] | None:
+    """numpy's global generator state in types ``torch.load(weights_only=True)`` accepts (its key
+    array as a tensor), so that loading ``rng.pt`` never unpickles arbitrary objects."""
     try:
         import numpy as np
-
-        return np.random.get_state()
     except ImportError:  # pragma: no cover
         return None
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(state: Any) -> None:
+    import numpy as np
+
+    if isinstance(state, dict):
+        state = (state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["gauss"])
+    np.random.set_state(state)  # a tuple: rng.pt of the earlier format (numpy's own state)
+
+
+def _load_rng(file: Path) -> dict[str, Any]:
+    """``rng.pt``, by the safe loader. The earlier format held numpy's state as an ndarray: that
+    file loads with numpy's array types (and nothing else) allowed besides tensors."""
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError:
+        import numpy as np
+
+        core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+        legacy = [np.ndarray, np.dtype, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+        try:
+            with torch.serialization.safe_globals(legacy):
+                return torch.load(file, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise RuntimeError(f"{file} holds objects other than tensors and numpy's generator state; "
+                               "it is not loaded (resume from another checkpoint)") from e
 
 
 def _is_tied(model: Any, key: str) -> bool:
@@ -182,7 +214,7 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: torch.optim.Optimiz
         lora.load_adapter(model, path, device)
     else:
         _load_weights(model, path, device)
-    opt = torch.load(path / records.OPTIMIZER_STATE, map_location=device, weights_only=False)
+    opt = torch.load(path / records.OPTIMIZER_STATE, map_location=device, weights_only=True)
     if (path / records.SHARDED_OPTIMIZER).is_dir():  # written by several ranks: resharded to this run's
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -195,15 +227,13 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: torch.optim.Optimiz
     else:
         optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(path / records.RNG_STATE, weights_only=False)
+    rng = _load_rng(path / records.RNG_STATE)
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
     random.setstate(rng["python"])
     if rng.get("numpy") is not None:
-        import numpy as np
-
-        np.random.set_state(rng["numpy"])
+        _set_numpy_rng_state(rng["numpy"])
     return read_trainer_state(path).step
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import sys
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -99,13 +100,26 @@ class InferenceArgs(BaseModel):
         return v
 
 
+#: ``[inference.args] allowed_media_domains`` of a vllm server when ``allow_http_media`` is off. vLLM
+#: fetches every http(s) image URL unless this names hosts; no URL's host equals this one (URL parsers
+#: lower-case host names, and ``.invalid`` never resolves), so vLLM fetches none.
+NO_REMOTE_MEDIA = "NO-REMOTE-MEDIA.INVALID"
+_MEDIA_DOMAINS = "allowed_media_domains"
+
+
 class InferenceConfig(RestartSettings):
     """``[inference]``: the inference server process."""
 
     model_config = _CONFIG
     engine: Literal["hf", "vllm"] = "hf"
     gpus: int = Field(0, ge=0, description="GPUs for the server (0 = CPU)")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address the server binds; anything but loopback exposes the "
+                                               "admin routes to the network, guarded by the run token only")
+    allow_http_media: bool = Field(
+        False, description="vllm engine: fetch the http(s) image URLs requests name (narrow the hosts with "
+                           "[inference.args] allowed_media_domains); off, images come only as data: URLs or files "
+                           "under allowed_local_media_path. The hf engine never fetches",
+    )
     port: int = Field(8000, ge=1, le=65535)
     python: str | None = Field(None, description="python of the venv that has vLLM (engine='vllm')")
     startup_timeout_s: float = Field(600.0, gt=0)
@@ -113,6 +127,20 @@ class InferenceConfig(RestartSettings):
     restart: RestartPolicy = "on-failure"
     max_restarts: int = Field(2, ge=0)
     args: InferenceArgs = Field(default_factory=InferenceArgs)
+
+    @model_validator(mode="after")
+    def _remote_media(self) -> "InferenceConfig":
+        """A vllm server gets ``allowed_media_domains = NO_REMOTE_MEDIA`` unless ``allow_http_media``."""
+        domains = (self.args.model_extra or {}).get(_MEDIA_DOMAINS)
+        if domains == NO_REMOTE_MEDIA:  # set here (a resolved config read back, or the engine changed)
+            if self.engine != "vllm" or self.allow_http_media:
+                delattr(self.args, _MEDIA_DOMAINS)
+        elif self.engine == "vllm" and not self.allow_http_media:
+            if domains is not None:
+                raise ValueError(f"__args.{_MEDIA_DOMAINS}__: lets vLLM fetch http(s) images; set [inference] "
+                                 "allow_http_media = true as well, or remove it")
+            setattr(self.args, _MEDIA_DOMAINS, NO_REMOTE_MEDIA)
+        return self
 
 
 #: LoRA's default targets: the language model's attention and MLP projections of Qwen-VL and
@@ -389,19 +417,53 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-_TYPE_TAGS = {"str", "int", "bool", "float", "list", "dict", "none"}
+def _union_members(ann: Any) -> tuple[Any, ...]:
+    """The members of a union annotation other than None (empty for anything else)."""
+    if get_origin(ann) in (Union, types.UnionType):
+        return tuple(a for a in get_args(ann) if a is not type(None))
+    return ()
+
+
+def _child_annotation(ann: Any, part: Any) -> Any:
+    """The annotation of ``part`` inside a value annotated ``ann`` (Any where unknown)."""
+    if get_origin(ann) is None and isinstance(ann, type) and issubclass(ann, BaseModel):
+        field = ann.model_fields.get(part) if isinstance(part, str) else None
+        return field.annotation if field is not None else Any
+    args = get_args(ann)
+    if get_origin(ann) is dict and len(args) == 2:
+        return args[1]
+    if get_origin(ann) is list and args:
+        return args[0]
+    return Any
+
+
+def _user_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` as the keys the user wrote: without the member name pydantic inserts under a
+    union (``nccl.X.str`` -> ``nccl.X``), found from the schema, so that a key merely spelled
+    like one (``[run] str = 1``, ``"a[b]" = 1``) is kept."""
+    out = []
+    ann: Any = VlmrlConfig
+    for part in loc:
+        members = _union_members(ann)
+        if len(members) == 1:  # X | None: pydantic names no member
+            ann, members = members[0], ()
+        if members:  # `part` is the member that rejected the value
+            ann = Any
+            continue
+        out.append(part)
+        ann = _child_annotation(ann, part)
+    return tuple(out)
 
 
 def _format_error(err: dict[str, Any]) -> tuple[str, str]:
-    # Unions add their member type to the location (nccl.X.str); users need only the key.
-    loc = tuple(p for p in err.get("loc", ()) if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
+    loc = _user_loc(tuple(err.get("loc", ())))
     msg = str(err.get("msg", "invalid"))
     etype = err.get("type", "")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     # A model-level validator that names a key marks it as __key__.
     if msg.startswith("__") and "__:" in msg:
-        inner, msg = msg[2:].split("__:", 1)
+        inner, msg = msg[2:].rsplit("__:", 1)  # the key may contain "__:" ([nccl] "a__:b"), messages do not
         prefix = ".".join(str(p) for p in loc if not isinstance(p, int))
         return (f"{prefix}.{inner}" if prefix else inner), msg.strip()
     key = ".".join(str(p) for p in loc if not isinstance(p, int)) or "(top level)"
@@ -463,7 +525,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(None, text, "override key is empty")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # TOMLDecodeError, an integer past Python's digit limit, deep nesting
         value = raw
     return key.split("."), value
 
@@ -511,6 +573,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(p, None, f"TOML syntax error: {e}") from None
+    except RecursionError:  # arrays or inline tables nested ~1000 deep
+        raise ConfigError(p, None, "TOML syntax error: arrays or tables nested too deeply") from None
+    except ValueError as e:  # an integer longer than Python's int-string limit (4300 digits)
+        raise ConfigError(p, None, f"cannot read a value: {e}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> VlmrlConfig:
@@ -522,8 +588,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> VlmrlCo
 
 
 def config_to_dict(cfg: VlmrlConfig) -> dict[str, Any]:
-    """The resolved config as plain data (None values dropped: TOML has no null)."""
-    return _drop_none(cfg.model_dump(mode="json"))
+    """The resolved config as plain data (None values dropped: TOML has no null). Values stay
+    Python objects: dates and times in ``[env.args]`` are written back as TOML dates, not strings."""
+    return _drop_none(cfg.model_dump())
 
 
 def _drop_none(d: Any) -> Any:

@@ -6,7 +6,8 @@ One module owns what the supervisor, the trainer and every view agree on:
 * the ``run.json`` schema (:class:`RunInfo`, :class:`ProcessInfo`, versioned), its process
   and run statuses and the exit code each run status means;
 * the keys of a ``metrics.jsonl`` line (:class:`MetricRecord`) and the fields of a
-  ``rollouts.jsonl`` line (:class:`RolloutRecord`);
+  ``rollouts.jsonl`` line (:class:`RolloutRecord`, or :class:`DropRecord` for an example
+  left out of its step);
 * the one-line form of a metric record (``step 12/100 reward=0.62 ...``) that the trainer's
   log and the headless view both print.
 
@@ -31,7 +32,7 @@ from backend.errors import VlmrlError
 CONFIG_FILE = "config.toml"  # the resolved config that ran
 RUN_FILE = "run.json"  # supervisor state (RunInfo)
 METRICS_FILE = "metrics.jsonl"  # one MetricRecord per optimizer step
-ROLLOUTS_FILE = "rollouts.jsonl"  # one RolloutRecord per rollout
+ROLLOUTS_FILE = "rollouts.jsonl"  # one RolloutRecord per rollout, one DropRecord per example left out
 EVAL_FILE = "eval.jsonl"  # one line per held-out evaluation
 EVAL_SCORES_FILE = "eval.json"  # `vlmrl eval`: every scored model side by side
 EVAL_RUNS_DIR = "eval"  # eval/<model>/: the supervised server of each model `vlmrl eval` scored
@@ -42,6 +43,8 @@ LOG_SUFFIX = ".log"
 ROLLOUT_IMAGES_DIR = "rollouts"  # rollouts/<step>/<example>-<k>.png
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/<step>/
 CONTROL_SOCKET = "supervisor.sock"  # the supervisor's control channel
+SPACE_RESERVE = "supervisor.reserve"  # disk space the supervisor frees to record a run's end on a full disk
+RUN_LOCK = "supervisor.lock"  # flock'd by the run's supervisor while it runs: one supervisor per run
 CHECKPOINT_MARKER = "COMPLETE"  # written last: a checkpoint without it is ignored
 TRAINER_STATE = "trainer_state.json"  # in a checkpoint: step, config, run identity
 OPTIMIZER_STATE = "optimizer.pt"  # in a checkpoint: optimizer and scheduler
@@ -347,6 +350,7 @@ GRAD_NORM = "grad_norm"
 LR = "lr"
 NUM_ROLLOUTS = "num_rollouts"
 DROPPED = "dropped"  # rollouts left out of the batch (overlong, empty, bad images)
+EXAMPLES_DROPPED = "examples_dropped"  # examples (whole groups) refused for their content: DropRecords
 LOSS_TOKENS = "loss_tokens"
 TRAINED_SEQUENCES = "trained_sequences"
 TOKENS = "tokens"
@@ -360,8 +364,8 @@ TURNS = "episode_turns"  # multi-turn environments: model turns per episode, mea
 
 METRIC_KEYS: tuple[str, ...] = (
     STEP, REWARD_MEAN, REWARD_STD, LOSS, IR, IR_MIN, IR_MAX, CLIP_FRAC, MASKED_FRAC, MISMATCH_KL, KL, ENTROPY,
-    GRAD_NORM, LR, NUM_ROLLOUTS, DROPPED, LOSS_TOKENS, TRAINED_SEQUENCES, TOKENS, TOKENS_PER_S, ROLLOUT_S,
-    TRAIN_S, SYNC_S, STEP_S, TIME, TURNS,
+    GRAD_NORM, LR, NUM_ROLLOUTS, DROPPED, EXAMPLES_DROPPED, LOSS_TOKENS, TRAINED_SEQUENCES, TOKENS, TOKENS_PER_S,
+    ROLLOUT_S, TRAIN_S, SYNC_S, STEP_S, TIME, TURNS,
 )
 
 
@@ -583,6 +587,36 @@ class RolloutRecord:
                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if isinstance(d.get("summary"), Mapping) else {},
         )
+
+
+@dataclass(frozen=True)
+class DropRecord:
+    """A ``rollouts.jsonl`` line for an example left out of its step (its whole group): the
+    server refused it for its content, or its image could not be sent. It has no reward, so a
+    reader of rollout lines (:meth:`RolloutRecord.from_json`) refuses it; tell the two apart
+    with :meth:`from_json` first. ``index`` is the one its group's first rollout would have had,
+    so ``(step, index)`` stays unique in the file."""
+
+    step: int
+    index: int
+    group: int
+    example_id: str
+    drop_reason: str  # what the server (or the client) said
+    error_code: str | None = None  # invalid_image, image_too_large, too_many_images, prompt_too_long, ...
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any) -> "DropRecord | None":
+        """The drop record of one line's object; None when it is not one (a rollout line)."""
+        pos = rollout_position(d)
+        reason = d.get("drop_reason") if isinstance(d, Mapping) else None
+        if pos is None or not isinstance(reason, str):
+            return None
+        code = d.get("error_code")
+        return cls(pos[0], pos[1], _int_field(d, "group") or 0, str(d.get("example_id") or ""), reason,
+                   code if isinstance(code, str) else None)
 
 
 def _int_field(d: Any, key: str) -> int | None:

@@ -4,18 +4,19 @@
 server's OpenAI-compatible chat route (the hf engine or vLLM), at most
 ``max_concurrent`` requests in flight, and asks for ``logprobs`` and ``return_token_ids``
 so the trainer gets the generated ids and their logprobs and never re-tokenises a
-completion. Images travel as PNG (lossless) in ``data:`` URLs; the rollout keeps the
-images decoded from the very bytes that were sent, so trainer and server see the same
-pixels. Connection errors, timeouts and 5xx answers are retried with exponential
-backoff (a chat completion changes nothing on the server, so a retry is safe); a 4xx
-is raised at once as a :class:`RolloutError` naming the example.
+completion. Images travel as 8-bit RGB PNG (lossless) in ``data:`` URLs
+(:mod:`backend.serve.protocol`); the rollout keeps the images decoded from the very bytes
+that were sent, so trainer and server see the same pixels. Connection errors, timeouts and
+5xx answers are retried with exponential backoff (a chat completion changes nothing on the
+server, so a retry is safe); a 4xx is raised at once as a :class:`RolloutError` naming the
+example, with the server's error code. An example at fault itself (a broken or oversized
+image, a prompt too long: ``EXAMPLE_ERROR_CODES``) is left out of the step instead
+(``StepRollouts.dropped``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import random
 import threading
@@ -27,39 +28,17 @@ import httpx
 from PIL import Image
 
 from backend import contract
-from backend.errors import VlmrlError
 from backend.net import error_message, probe_http
-from backend.rollout_types import Rollout, Turn, episode_end_reason, episode_example_id
+from backend.rollout_types import (Rollout, RolloutError, StepRollouts, Turn, episode_end_reason,
+                                   episode_example_id, or_drop)
 from backend.sampling import logit_bias_for
+from backend.serve.protocol import decode_png, encode_png, error_code, png_data_url
 from environments.base import Environment, Example, MultiTurnEnvironment
 
 log = logging.getLogger("vlmrl.rollout")
 
 RETRY_STATUS = frozenset({500, 502, 503, 504})
 T = TypeVar("T")
-
-
-class RolloutError(VlmrlError):
-    """A rollout request failed for good (bad request, or retries exhausted)."""
-
-
-def encode_png(img: Image.Image) -> bytes:
-    """``img`` as PNG bytes (lossless for every mode PNG holds; others become RGB/RGBA)."""
-    if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img
-
-
-def png_data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def to_openai_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Image.Image]]:
@@ -83,10 +62,16 @@ def to_openai_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
             ptype = part.get("type")
             if ptype == "image":
                 img = part["image"]
+                k = len(images) + 1
                 if not isinstance(img, Image.Image):
-                    raise RolloutError(f"image parts must hold PIL images, got {type(img).__name__}")
-                data = encode_png(img)
-                back = decode_png(data)
+                    raise RolloutError(f"image {k} is a {type(img).__name__} object, not a PIL image",
+                                       code="invalid_image")
+                try:
+                    data = encode_png(img)  # loads it: a truncated or empty file fails here
+                    back = decode_png(data)
+                except Exception as e:  # noqa: BLE001 - whatever PIL raises for a broken image
+                    raise RolloutError(f"image {k} cannot be sent: {type(e).__name__}: {e}",
+                                       code="invalid_image") from None
                 images.append(back)
                 wparts.append({"type": "image_url", "image_url": {"url": png_data_url(data)}})
                 lparts.append({**part, "image": back})
@@ -119,6 +104,14 @@ def parse_choice(choice: dict[str, Any]) -> tuple[list[int], list[float], str, s
         raise RolloutError(f"server answered {len(ids)} token ids but {len(logprobs)} logprobs")
     text = (choice.get("message") or {}).get("content") or ""
     return ids, logprobs, text, str(choice.get("finish_reason") or "stop")
+
+
+def usage_prompt_tokens(data: dict[str, Any]) -> int | None:
+    """The server's ``usage.prompt_tokens`` (the templated prompt with its image tokens
+    expanded, on the hf engine and on vLLM), or None when it does not say."""
+    usage = data.get("usage")
+    pt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return pt if isinstance(pt, int) and not isinstance(pt, bool) else None
 
 
 def next_prompt_estimate(prompt_tokens: int, completion_tokens: int, previous_prompt_tokens: int | None) -> int:
@@ -254,7 +247,9 @@ class RolloutClient:
                 last = f"HTTP {r.status_code}: {error_message(r.content)}"
                 continue
             if r.status_code != 200:
-                raise RolloutError(f"{what}: HTTP {r.status_code}: {error_message(r.content)}")
+                code = error_code(r.content)
+                detail = f"HTTP {r.status_code}{f' {code}' if code else ''}: {error_message(r.content)}"
+                raise RolloutError(f"{what}: {detail}", code=code, status=r.status_code, detail=detail)
             try:
                 data = r.json()
             except ValueError:
@@ -291,6 +286,7 @@ class RolloutClient:
         version = version if isinstance(version, int) and not isinstance(version, bool) else None
         if version is not None:
             self.last_weight_version = version
+        prompt_tokens = usage_prompt_tokens(data)
         out: list[Rollout] = []
         for j, choice in enumerate(sorted(choices, key=lambda c: c.get("index", 0))):
             try:
@@ -302,7 +298,7 @@ class RolloutClient:
                 example_id=example.id, group=group, messages=local, images=images, completion=text,
                 completion_ids=ids, behavior_logprobs=lps, finish_reason=finish, reward=float(score.reward),
                 reward_parts=dict(score.parts), answer=example.answer, step=step, index=group * n + j,
-                weight_version=version,
+                weight_version=version, prompt_tokens=prompt_tokens,
             ))
         return out
 
@@ -342,9 +338,7 @@ class RolloutClient:
             if isinstance(v, int) and not isinstance(v, bool):
                 version = v if version is None else min(version, v)  # the oldest weights that played
                 self.last_weight_version = v
-            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-            pt = usage.get("prompt_tokens")
-            prompt_tokens = pt if isinstance(pt, int) and not isinstance(pt, bool) else None
+            prompt_tokens = usage_prompt_tokens(data)
             prompt_end = len(local)
             tr = await asyncio.to_thread(env.step, episode, text)
             turns.append(Turn.played(prompt_end, text, ids, lps, finish, tr, prompt_tokens))
@@ -385,12 +379,17 @@ class RolloutClient:
             async with playing:
                 return await self._episode(client, sem, env, seed, g, g * n + j, params, step, max_context)
 
-        return await _all_or_none([one(g, j, s) for g, s in enumerate(seeds) for j in range(n)])
+        async def group(g: int, seed: int) -> list[Rollout]:  # one episode failing for its content drops the group
+            return await _all_or_none([one(g, j, seed) for j in range(n)])
+
+        return StepRollouts.of(await _all_or_none([or_drop(group(g, s), episode_example_id(env.id, s), g, g * n)
+                                                   for g, s in enumerate(seeds)]))
 
     def collect_episodes(self, env: MultiTurnEnvironment, seeds: Sequence[int], n: int, *,
                          temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 64, step: int = 0,
                          max_context: int | None = None) -> list[Rollout]:
-        """``n`` episodes per seed (a group per seed, in seed order), played concurrently.
+        """``n`` episodes per seed (a group per seed, in seed order), played concurrently; a
+        seed whose episode the server refuses for its content is dropped (``StepRollouts``).
 
         An episode ends when the game ends, after ``env.max_turns`` replies, or when its
         next prompt would not fit ``max_context`` tokens (``Rollout.end_reason``).
@@ -405,7 +404,8 @@ class RolloutClient:
 
     async def acollect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
                        top_p: float = 1.0, max_tokens: int = 64, step: int = 0, seed: int | None = None) -> list[Rollout]:
-        """``n`` scored rollouts per example, grouped by example, in example order.
+        """``n`` scored rollouts per example, grouped by example, in example order (a
+        :class:`StepRollouts`: the examples left out for their content are in ``.dropped``).
 
         For callers with their own event loop: uses an HTTP client of its own for the call.
         """
@@ -419,9 +419,9 @@ class RolloutClient:
         params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         sem = asyncio.Semaphore(self.max_concurrent)
         await self._model_name(client)
-        groups = await _all_or_none([self._one(client, sem, env, ex, g, n, params, step, seed)
-                                     for g, ex in enumerate(examples)])
-        return [r for grp in groups for r in grp]
+        return StepRollouts.of(await _all_or_none([
+            or_drop(self._one(client, sem, env, ex, g, n, params, step, seed), ex.id, g, g * n)
+            for g, ex in enumerate(examples)]))
 
     def collect(self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float = 1.0,
                 top_p: float = 1.0, max_tokens: int = 64, step: int = 0, seed: int | None = None) -> list[Rollout]:

@@ -1,14 +1,22 @@
 """The rollout record that flows from the rollout client to adapters and the run directory,
-and the protocol of what produces rollouts."""
+the protocol of what produces rollouts, and the examples a step leaves out.
+
+A step's rollouts come as a :class:`StepRollouts` (a list of rollouts, as before) whose
+``dropped`` names the examples left out of the step: the server refused them for their own
+content (a broken, empty or oversized image, a prompt too long: :data:`EXAMPLE_ERROR_CODES`)
+or the client could not encode their images. :class:`DropWatch` is the trainer's side: it
+logs each drop and stops a run whose steps keep losing every example.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
 from PIL import Image
 
+from backend.errors import VlmrlError
 from environments.base import Environment, Episode, Example, MultiTurnEnvironment, Transition
 
 
@@ -95,6 +103,10 @@ class Rollout:
     end_reason: str | None = None
     #: an episode's flat metrics from its environment (``MultiTurnEnvironment.summary``)
     summary: dict[str, float] = field(default_factory=dict)
+    #: the server's count of the prompt's tokens (chat template with the generation prompt,
+    #: image tokens expanded: ``usage.prompt_tokens``), None when it does not say; an
+    #: episode's counts are on its turns (``Turn.prompt_tokens``)
+    prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.completion_ids) != len(self.behavior_logprobs):
@@ -133,6 +145,100 @@ def _joined(turns: list[Turn]) -> dict[str, Any]:
             "behavior_logprobs": [x for t in turns for x in t.behavior_logprobs]}
 
 
+#: server error codes (``error.code`` of a 4xx) that blame the example, not the run's set-up
+#: (unlike model_not_found, invalid_value, bad tokens): its group is dropped, the step goes on
+EXAMPLE_ERROR_CODES = frozenset({"invalid_image", "image_too_large", "too_many_images", "prompt_too_long",
+                                 "invalid_prompt"})
+#: steps in a row that lose every example before the run stops (a broken dataset)
+MAX_EMPTY_STEPS = 3
+
+
+class RolloutError(VlmrlError):
+    """A rollout request failed for good (bad request, or retries exhausted). ``code``: the
+    server's error code of a 4xx (``invalid_image`` too for an image the client cannot encode),
+    ``status`` its HTTP status, ``detail`` the message without the request's name."""
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.status, self.detail = code, status, detail or message
+
+
+@dataclass(frozen=True)
+class DroppedExample:
+    """An example left out of its step (its whole group): no rollout of it is trained on."""
+
+    example_id: str
+    group: int
+    index: int  # the index its group's first rollout would have had in the step
+    reason: str  # what the server (or the client) said, without the example's name
+    code: str | None = None  # the error code: invalid_image, image_too_large, prompt_too_long, ...
+
+
+class StepRollouts(list[Rollout]):
+    """A step's rollouts (a plain list of them) and the examples left out of it (``dropped``)."""
+
+    def __init__(self, rollouts: Iterable[Rollout] = (), dropped: Iterable[DroppedExample] = ()) -> None:
+        super().__init__(rollouts)
+        self.dropped = list(dropped)
+
+    @classmethod
+    def of(cls, groups: Iterable[list[Rollout] | DroppedExample]) -> "StepRollouts":
+        """Each group's rollouts in order, or its drop."""
+        groups = list(groups)
+        return cls([r for g in groups if not isinstance(g, DroppedExample) for r in g],
+                   [g for g in groups if isinstance(g, DroppedExample)])
+
+
+def dropped_of(rollouts: Sequence[Rollout]) -> list[DroppedExample]:
+    """The examples left out of the step of ``rollouts`` (none for a plain list)."""
+    return list(getattr(rollouts, "dropped", ()))
+
+
+async def or_drop(coro: Coroutine[Any, Any, list[Rollout]], example_id: str, group: int,
+                  index: int) -> list[Rollout] | DroppedExample:
+    """The rollouts ``coro`` gives, or the drop of its example when it failed for the example's
+    own content (an error code in :data:`EXAMPLE_ERROR_CODES`); any other error is raised."""
+    try:
+        return await coro
+    except RolloutError as e:
+        if e.code not in EXAMPLE_ERROR_CODES:
+            raise
+        return DroppedExample(example_id, group, index, e.detail, e.code)
+
+
+class DropWatch:
+    """Logs each dropped example (``step S: dropped example X: reason``) and counts the steps
+    in a row that lost every example; :meth:`check` stops the run after ``limit`` of them."""
+
+    def __init__(self, log: Callable[[str], None], limit: int = MAX_EMPTY_STEPS) -> None:
+        self.log, self.limit = log, limit
+        self.empty_in_a_row = 0
+        self.last: DroppedExample | None = None
+
+    def note(self, step: int, rollouts: Sequence[Rollout]) -> int:
+        """Log the drops of ``step`` (whose rollouts are ``rollouts``); return how many."""
+        drops = dropped_of(rollouts)
+        for d in drops:
+            self.log(f"step {step}: dropped example {d.example_id}: {d.reason}")
+        if drops and not rollouts:
+            self.empty_in_a_row += 1
+            self.last = drops[-1]
+            self.log(f"step {step}: all {len(drops)} examples were dropped: step skipped (no update), "
+                     f"{self.empty_in_a_row} such step(s) in a row; the run stops at {self.limit}")
+        elif rollouts:
+            self.empty_in_a_row = 0
+        return len(drops)
+
+    def check(self) -> None:
+        """Raise :class:`VlmrlError` once ``limit`` steps in a row lost every example."""
+        if self.empty_in_a_row >= self.limit and self.last is not None:
+            raise VlmrlError(
+                f"{self.empty_in_a_row} steps in a row lost every example (the last: {self.last.example_id}: "
+                f"{self.last.reason}): the environment's examples are broken; fix them (see the trainer log and "
+                "the drop records in rollouts.jsonl) and start again")
+
+
 class RolloutSource(Protocol):
     """Where rollouts come from: ``backend.rollout.RolloutClient`` or an in-process sampler."""
 
@@ -143,7 +249,7 @@ class RolloutSource(Protocol):
     def collect(
         self, env: Environment, examples: Sequence[Example], n: int, *, temperature: float, top_p: float,
         max_tokens: int, step: int, seed: int | None = None,
-    ) -> list[Rollout]: ...
+    ) -> list[Rollout]: ...  # a StepRollouts when it can leave examples out
 
     def collect_episodes(
         self, env: MultiTurnEnvironment, seeds: Sequence[int], n: int, *, temperature: float, top_p: float,

@@ -2,9 +2,10 @@
 
 Per step: the images each group's prompt showed (``rollouts/<step>/<example>-<k>.png``,
 once per group) and one :class:`~backend.records.RolloutRecord` line per rollout in
-``rollouts.jsonl``. A helper thread writes a step while the next one trains; at most one
-write is pending, and :meth:`RolloutWriter.drain` waits for it (before a checkpoint, at the
-end, on any exit), so nothing already produced is lost.
+``rollouts.jsonl``, then one :class:`~backend.records.DropRecord` line per example the step
+left out (``StepRollouts.dropped``). A helper thread writes a step while the next one trains;
+at most one write is pending, and :meth:`RolloutWriter.drain` waits for it (before a
+checkpoint, at the end, on any exit), so nothing already produced is lost.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Any, Sequence
 
-from backend.records import RolloutRecord, TurnRecord
-from backend.rollout_types import Rollout, image_counts
+from backend.records import DropRecord, RolloutRecord, TurnRecord
+from backend.rollout_types import Rollout, dropped_of, image_counts
 from backend.rundir import JsonlWriter, RunDirectory
 
 
@@ -105,3 +106,5 @@ class RolloutWriter:
                 summary=dict(r.summary),
             )
             self._lines.write(record.to_json())
+        for d in dropped_of(rollouts):
+            self._lines.write(DropRecord(step, d.index, d.group, d.example_id, d.reason, d.code).to_json())

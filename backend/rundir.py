@@ -94,6 +94,14 @@ class RunDirectory:
         return self.path / records.CONTROL_SOCKET
 
     @property
+    def lock_file(self) -> Path:
+        return self.path / records.RUN_LOCK
+
+    @property
+    def space_reserve(self) -> Path:
+        return self.path / records.SPACE_RESERVE
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.path / records.CHECKPOINTS_DIR
 
@@ -158,26 +166,53 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line, each written whole and flushed."""
+    """Appends one JSON object per line; a line lands whole or not at all.
+
+    Each line is one unbuffered append. A write that fails part-way (a full disk) is cut
+    back off before the error is raised, and a file that ends in a partial line (a writer
+    killed mid-write) is cut back to its last full line when opened, so a resumed run never
+    glues its first record onto a fragment. One writer per file.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _cut_partial_line(self._fd)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=_json_default, allow_nan=True) + "\n"
-        self._f.write(line)
-        self._f.flush()
+        if self._fd is None:
+            raise ValueError(f"{self.path}: write to a closed JsonlWriter")
+        data = (json.dumps(record, default=_json_default, allow_nan=True) + "\n").encode("utf-8")
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except OSError:
+            if done:
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - done)
+            raise
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "JsonlWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cut_partial_line(fd: int) -> None:
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = max(0, size - 1024 * 1024)
+    tail = os.pread(fd, size - start, start)
+    nl = tail.rfind(b"\n")
+    os.ftruncate(fd, start + nl + 1 if nl >= 0 else (0 if start == 0 else size))
 
 
 def _json_default(o: Any) -> Any:
@@ -192,24 +227,44 @@ def _json_default(o: Any) -> Any:
 class FileTail:
     """Reads the lines appended to a file since the last call (by byte offset).
 
-    A partial last line (a writer mid-write) is kept back until its newline arrives.
-    A file that shrank (replaced) is read again from the start.
+    A partial last line (a writer mid-write) is kept back until its newline arrives; a
+    file cut back to where that line began (a killed writer's fragment removed) is read on
+    from there. A new file is read from its start: one that replaced this one (another
+    inode, as ``os.replace`` makes), one that appears after this one was seen missing, and
+    one that shrank further (truncated). A file truncated or deleted and created again in
+    place between two reads, with at least as many bytes as the whole lines read, cannot be
+    told from an appended one
+    (ext4 gives the new file the old inode number).
     """
 
     path: Path
     offset: int = 0
     _partial: bytes = field(default=b"", repr=False)
+    _file_id: tuple[int, int] | None = field(default=None, repr=False)  # (st_dev, st_ino) last read
 
     def read_lines(self, max_bytes: int = 16 * 1024 * 1024) -> list[str]:
         try:
-            size = self.path.stat().st_size
+            f = open(self.path, "rb")
+        except FileNotFoundError:  # deleted (or mid-rotation): what appears next is a new file
+            self.offset, self._partial, self._file_id = 0, b"", None
+            return []
         except OSError:
             return []
-        if size < self.offset:
-            self.offset, self._partial = 0, b""
-        if size == self.offset:
-            return []
-        with open(self.path, "rb") as f:
+        with f:
+            st = os.fstat(f.fileno())  # of the file opened, not of whatever the path names by now
+            file_id = (st.st_dev, st.st_ino)
+            if self._file_id is not None and file_id != self._file_id:
+                self.offset, self._partial = 0, b""
+            elif st.st_size < self.offset:
+                if st.st_size >= self.offset - len(self._partial):
+                    # only the unfinished last line was cut (JsonlWriter repairs a file a killed
+                    # writer left mid-line): read on from where that line began
+                    self.offset, self._partial = self.offset - len(self._partial), b""
+                else:
+                    self.offset, self._partial = 0, b""
+            self._file_id = file_id
+            if st.st_size == self.offset:
+                return []
             f.seek(self.offset)
             chunk = f.read(max_bytes)
         self.offset += len(chunk)
@@ -237,7 +292,7 @@ class JsonlTail:
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                 self.bad_lines += 1
                 continue
             if isinstance(rec, dict):

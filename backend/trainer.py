@@ -40,10 +40,11 @@ from backend.models import enable_gradient_checkpointing
 from backend.loss import group_advantages
 from backend.optim import make_optimizer
 from backend.precision import Precision, precision_of
-from backend.rollout_types import Rollout, RolloutSource
+from backend.rollout_types import DropWatch, Rollout, RolloutSource
 from backend.rollout_writer import RolloutWriter
 from backend.rundir import JsonlWriter, RunDirectory, checkpoint_complete
 from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
+from backend.tokencheck import check_rollout_tokens
 from environments.base import Environment, MultiTurnEnvironment
 
 
@@ -173,6 +174,7 @@ class MultimodalGRPOTrainer:
         # sampled with an older one means the server restarted and lost our weights.
         self.server_version = 0
         self.rejoins = 0
+        self.tokens_checked = False  # the server's prompt-token counts were compared with ours
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -310,7 +312,7 @@ class MultimodalGRPOTrainer:
         try:
             rollouts = pending.future.result()
         except VlmrlError as e:
-            if self.weight_sync is None:
+            if self.weight_sync is None or 400 <= (getattr(e, "status", None) or 0) < 500:  # refused: no restart
                 raise
             if self.rejoins == pending.rejoins:  # else the server was joined again since: just ask again
                 self._rejoin(f"rollouts of step {step} failed ({e})")
@@ -348,11 +350,15 @@ class MultimodalGRPOTrainer:
         # source sampling with the trainer's own model stays synchronous.
         ahead = cfg.async_level > 0 and not self.rollout_source.shares_model
         pending: _Prefetch | None = None
+        drops = DropWatch(self.log)  # examples left out (broken images, ...); stops a run that loses them all
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 step = self.step + 1
                 rollouts = self._rollouts_of(pending or self._prefetch(step))
+                dropped = drops.note(step, rollouts)  # none left: train_step([]) makes a step without an update
+                # server and trainer must count the same prompt tokens (raises ImageTokenMismatch)
+                self.tokens_checked = self.tokens_checked or check_rollout_tokens(self.adapter, rollouts)
                 pending = self._prefetch(step + 1) if ahead and step < cfg.max_steps else None
                 t1 = time.perf_counter()
                 metrics = self.train_step(rollouts)
@@ -363,7 +369,7 @@ class MultimodalGRPOTrainer:
                     self._rollout_writer.submit(step, rollouts)
                 step_s = time.perf_counter() - t0
                 record = rec.MetricRecord(step, {
-                    **metrics,
+                    **metrics, rec.EXAMPLES_DROPPED: dropped,
                     rec.TOKENS_PER_S: metrics[rec.TOKENS] / max(t2 - t1, 1e-9),
                     rec.ROLLOUT_S: t1 - t0,
                     rec.TRAIN_S: t2 - t1,
@@ -377,6 +383,7 @@ class MultimodalGRPOTrainer:
                     self._metrics.write(line)
                 if step % cfg.log_every_steps == 0 or step == cfg.max_steps:
                     self.log(self.progress_line(line))
+                drops.check()
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     self._evaluate(step)
                 if cfg.save_every and step % cfg.save_every == 0 and self.run_dir is not None:

@@ -171,3 +171,20 @@ def test_cli_config_show_fills_defaults() -> None:
     assert res.returncode == 0, res.stderr
     assert "mask_ratio_high = 10.0" in res.stdout
     assert "[run]" in res.stdout and "stop_grace_s" in res.stdout
+
+
+def test_vlmrl_run_refuses_the_broken_corpus_like_config_check_and_starts_nothing(tmp_path: Path) -> None:
+    """`vlmrl run` on every broken config of the corpus (and on a missing file): the same one
+    line `FILE: table.key: message` as `vlmrl config check`, exit 2, no run directory."""
+    runs = tmp_path / "runs"
+    cases = [(_write(tmp_path, text, f"c{i}.toml"), key) for i, (text, key, _) in enumerate(BROKEN)]
+    cases.append((tmp_path / "missing.toml", None))
+    for path, key in cases:
+        check = _cli("config", "check", str(path))
+        run = _cli("run", str(path), "--output-dir", str(runs))
+        assert run.returncode == check.returncode == 2, (path.read_text() if path.exists() else path, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert lines == check.stderr.strip().splitlines() and len(lines) == 1, (lines, check.stderr)
+        assert lines[0].startswith(f"error: {path}: " + (f"{key}: " if key else ""))
+        assert "Traceback" not in run.stderr and run.stdout == ""
+    assert not runs.exists()

@@ -32,7 +32,7 @@ def _run(model: Path, out: Path, ranks: int, *args: str) -> dict[str, Any]:
         cmd = [sys.executable, str(SCRIPT), str(model), str(out), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    return torch.load(out / "result.pt", weights_only=False)
+    return torch.load(out / "result.pt", weights_only=True)
 
 
 def _two_rank_config(tmp_path: Path, name: str, **trainer_args: Any) -> Path:

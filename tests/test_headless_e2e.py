@@ -16,6 +16,7 @@ import pytest
 
 from backend.config import read_toml
 from backend.net import free_port
+from tests.test_security import files_holding, run_token
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,14 +38,22 @@ def _processes_of(run_dir: Path) -> list[int]:
 @pytest.mark.timeout(900)
 def test_vlmrl_run_colors_tiny_completes_and_leaves_a_full_run_directory(tmp_path: Path, tiny_cache_dir: Path) -> None:
     port = free_port()
-    r = subprocess.run(
-        [sys.executable, "-m", "vlmrl_tui.cli", "run", "configs/colors-tiny.toml", "trainer.args.max_steps=3",
-         f"inference.port={port}", "--output-dir", str(tmp_path / "runs"), "--name", "e2e"],
-        cwd=ROOT, capture_output=True, text=True, timeout=840,
-    )
     run_dir = tmp_path / "runs" / "e2e"
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    out = r.stdout
+    with open(tmp_path / "run.out", "w") as out_f, open(tmp_path / "run.err", "w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vlmrl_tui.cli", "run", "configs/colors-tiny.toml", "trainer.args.max_steps=3",
+             f"inference.port={port}", "--output-dir", str(tmp_path / "runs"), "--name", "e2e"],
+            cwd=ROOT, stdout=out_f, stderr=err_f, text=True,
+        )
+    try:
+        token = run_token(run_dir, lambda: proc.poll() is None)  # lives only in the children's environment
+        proc.wait(timeout=840)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = (tmp_path / "run.out").read_text(), (tmp_path / "run.err").read_text()
+    assert proc.returncode == 0, out[-4000:] + err[-4000:]
     for step in (1, 2, 3):
         assert f"step {step}/3 reward=" in out
     assert "server: healthy" in out and "trainer: exited - exit code 0: training complete" in out
@@ -81,6 +90,12 @@ def test_vlmrl_run_colors_tiny_completes_and_leaves_a_full_run_directory(tmp_pat
     a = subprocess.run([sys.executable, "-m", "vlmrl_tui.cli", "attach", str(run_dir)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert a.returncode == 0 and "step 3/3" in a.stdout and "completed: 3/3 steps" in a.stdout
+
+    # the token guarded the weight syncs of the whole run, and is written nowhere: no log, run.json,
+    # metrics, rollouts, config copy or checkpoint holds it, nor what `vlmrl run` / `attach` printed
+    assert len(token) >= 16
+    assert files_holding(run_dir, token) == []
+    assert token not in out + err + a.stdout + a.stderr
 
 
 @pytest.mark.timeout(900)

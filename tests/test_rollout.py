@@ -63,8 +63,10 @@ def test_collect_returns_scored_rollouts_with_server_logprobs(server: ServerProc
     assert [r.completion_ids for r in again] == [r.completion_ids for r in rollouts], "seeded collect is reproducible"
 
 
-def test_png_roundtrip_keeps_modes_and_pixels() -> None:
+def test_png_roundtrip_sends_rgb_and_keeps_its_pixels() -> None:
     from PIL import Image
+
+    from backend.serve.protocol import to_rgb
 
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8), "RGB"),
@@ -75,8 +77,9 @@ def test_png_roundtrip_keeps_modes_and_pixels() -> None:
     wire, local, back = to_openai_messages(msgs)
     assert [p["type"] for p in wire[0]["content"]] == ["image_url"] * 3 + ["text"]
     assert all(p["image_url"]["url"].startswith("data:image/png;base64,") for p in wire[0]["content"][:3])
-    for a, b in zip(imgs, back):
-        assert a.mode == b.mode and np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(imgs, back):  # every mode goes as RGB, the way the processors convert it (test_broken_images)
+        assert b.mode == "RGB" and np.array_equal(np.asarray(to_rgb(a)), np.asarray(b))
+    assert np.array_equal(np.asarray(imgs[0]), np.asarray(back[0]))
     assert [p["image"] for p in local[0]["content"][:3]] == back
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from backend.rundir import (
     FileTail,
@@ -13,6 +18,7 @@ from backend.rundir import (
     failure_lines,
     last_lines,
     read_json,
+    read_jsonl,
     write_json_atomic,
 )
 
@@ -95,3 +101,45 @@ def test_failure_lines_bring_up_the_cause_a_launcher_summary_buries(tmp_path: Pa
     log.write_text("\n".join(["ValueError: earlier, handled"] + noise + ["KeyError: 'model'"]) + "\n")
     assert failure_lines(log, 2) == [noise[-1], "KeyError: 'model'"]
     assert failure_lines(tmp_path / "missing.log", 5) == []
+
+
+def test_a_writer_that_cuts_a_killed_writers_partial_line_duplicates_nothing_for_a_tailer(tmp_path: Path) -> None:
+    """A writer killed mid-line leaves a fragment; the next JsonlWriter cuts it off before it
+    appends. A tailer that already read the whole lines before it gets each record once."""
+    p = tmp_path / "m.jsonl"
+    tail = JsonlTail(p)
+    with JsonlWriter(p) as w:
+        w.write({"step": 1})
+        w.write({"step": 2})
+    with open(p, "a") as f:
+        f.write('{"step": 3, "rew')  # killed here
+    assert [r["step"] for r in tail.read()] == [1, 2]
+    with JsonlWriter(p) as w:  # the resumed run
+        assert p.read_text().endswith('{"step": 2}\n')
+        w.write({"step": 3})
+    assert [r["step"] for r in tail.read()] == [3]
+    assert [r["step"] for r in read_jsonl(p)] == [1, 2, 3]
+
+
+def test_a_line_cut_off_by_a_full_disk_is_taken_back(tmp_path: Path) -> None:
+    """A write the disk cannot hold leaves no fragment behind: the next line starts clean."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        p = mnt / "m.jsonl"
+        with JsonlWriter(p) as w:
+            w.write({"step": 1})
+            with pytest.raises(OSError) as err:
+                for i in range(10_000):
+                    w.write({"step": 2 + i, "pad": "x" * 3000})
+            assert err.value.errno == errno.ENOSPC
+            text = p.read_text()
+            assert text.endswith("\n")
+            kept = [r["step"] for r in read_jsonl(p)]
+            assert kept == list(range(1, len(kept) + 1)) and len(kept) > 2
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -10,6 +10,8 @@ from pathlib import Path
 from tests.serverproc import ServerProc, free_port
 from tests.trainproc import TOKEN, colors_tiny_config, kill_group, start_trainer
 
+from backend.config import load_config
+from backend.envs import build_env
 from backend.rundir import RunDirectory, read_jsonl
 
 
@@ -59,6 +61,16 @@ def test_resume_after_killing_the_trainer_continues_from_the_last_checkpoint(
         assert _steps(rd.metrics) == list(range(1, 9))
         per_step = Counter(_steps(rd.rollouts))
         assert per_step == {s: 8 for s in range(1, 9)}, per_step
+        # the example order is restored: every step trained on the environment's examples for
+        # that step (as an uninterrupted run would), none replayed or skipped across the resume
+        conf = load_config(cfg)
+        env = build_env(conf.env.id, conf.env.args)
+        want = {s: sorted((e.id, e.answer) for e in env.train_examples(s, conf.trainer.args.prompts_per_step)
+                          for _ in range(conf.trainer.args.rollouts_per_step)) for s in range(1, 9)}
+        got: dict[int, list[tuple[str, object]]] = {}
+        for r in read_jsonl(rd.rollouts):
+            got.setdefault(r["step"], []).append((r["example_id"], r["answer"]))
+        assert {s: sorted(v) for s, v in got.items()} == want
         for step in (3, 6, 8):
             assert (rd.checkpoint(step) / "COMPLETE").exists()
         state = json.loads((rd.checkpoint(8) / "trainer_state.json").read_text())

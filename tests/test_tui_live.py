@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import pytest
 
 from backend.rundir import read_json
+from tests.test_security import files_holding, run_token
 from tests.tui_rundir import screen_text, wait_for
 from vlmrl_tui.app import VlmrlApp
 from vlmrl_tui.control import send_command
@@ -139,6 +140,32 @@ async def test_live_run_states_logs_and_control_keys(live_run: tuple[subprocess.
                        timeout=20, what="run stopped")
         assert proc.wait(timeout=15) == 130
         await wait_for(pilot, lambda: cell("trainer", "state") == "stopped", what="trainer shown stopped")
+
+
+@pytest.mark.asyncio
+async def test_no_tab_of_the_dashboard_and_no_file_of_the_run_shows_the_run_token(
+        live_run: tuple[subprocess.Popen, Path]) -> None:
+    proc, run_dir = live_run
+    token = run_token(run_dir, lambda: proc.poll() is None, timeout_s=30)  # in the children's environment
+    app = make_app(run_dir)
+    screens: dict[str, str] = {}
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.processes.run is not None and app.processes.run.status == "running"
+                       and any(ln.startswith("step 3 ") for ln in app.logs.views["trainer"].lines_held()),
+                       timeout=30, what="run running, trainer log lines")
+        for proc_name in ("server", "trainer"):
+            app.processes.table.focus()
+            app.processes.select(proc_name)
+            for key, tab in (("1", "logs"), ("2", "metrics"), ("3", "rollouts")):
+                await pilot.press(key)
+                await pilot.pause(0.3)
+                screens[f"{proc_name}/{tab}"] = screen_text(app)
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        screens["help"] = screen_text(app)
+    assert "trainer" in screens["trainer/logs"] and "server" in screens["server/logs"]
+    assert [name for name, text in screens.items() if token in text] == []
+    assert files_holding(run_dir, token) == []  # run.json, logs, metrics of the live run
 
 
 @pytest.mark.asyncio

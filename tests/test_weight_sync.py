@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -466,7 +467,9 @@ def test_a_trainer_dying_mid_update_never_hangs_the_server(server: ServerProc, t
         time.sleep(0.2)
     assert info["group"]["joined"] is False
     assert time.monotonic() - t0 < 30
-    assert "receiving a bucket of 64 bytes failed" in server.log()  # it died mid-receive, as meant
+    # it died mid-receive, as meant, and the server's error names the peer that went away
+    assert re.search(r"receiving a bucket of 64 bytes from the trainer \(rank 0 of the group at 127\.0\.0\.1:\d+\) "
+                     r"failed", server.log())
     assert httpx.get(server.url + contract.ROUTE_HEALTH).status_code == 200
     r = httpx.post(server.url + contract.ROUTE_CHAT, json={"messages": [{"role": "user", "content": "hi"}],
                                                            "max_tokens": 2}, timeout=30)
@@ -492,6 +495,7 @@ def test_a_server_dying_mid_sync_never_hangs_the_trainer(tmp_path: Path, tiny_mo
         with pytest.raises(WeightSyncError, match="bucket") as err:  # killed mid-sync, not after it
             client.sync(big, version=1)
         print(f"trainer noticed the dead server after {time.monotonic() - t0:.2f}s: {err.value}")
+        assert f"(peer: the server at {srv.url})" in str(err.value)
         assert time.monotonic() - t0 < 20
         killer.join()
         assert client.pg is None, "the broken group was aborted and forgotten"
@@ -538,7 +542,8 @@ def test_a_peer_killed_mid_bucket_gives_the_receiver_an_error_and_close_does_not
         assert not second.done(), "bucket 2 must be in flight when the peer dies"
         t0 = time.monotonic()
         proc.kill()  # SIGKILL
-        with pytest.raises(WeightSyncError, match="receiving a bucket of 64 bytes failed"):
+        with pytest.raises(WeightSyncError, match=rf"receiving a bucket of 64 bytes from the trainer \(rank 0 of the "
+                                                  rf"group at 127\.0\.0\.1:{port}\) failed"):
             second.result(timeout=25)
         took = time.monotonic() - t0
         print(f"receiver noticed the killed trainer after {took:.2f}s")

@@ -8,6 +8,8 @@ typed messages; one batch of run-directory data is in flight at a time.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import threading
 import time
 from pathlib import Path
@@ -100,8 +102,10 @@ class VlmrlApp(App[str | None]):
         gpu: bool = True,
         clock: Callable[[], float] = time.time,
         send_command: SendCommand = _default_send_command,
+        handle_signals: bool = False,
     ) -> None:
         super().__init__()
+        self._handle_signals = handle_signals
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.output_dir = output_dir
         self.launched = launched
@@ -153,6 +157,12 @@ class VlmrlApp(App[str | None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        # SIGTERM/SIGHUP (a closed terminal, `kill`): leave with the terminal restored; a run
+        # this app launched lives in its own session and keeps going (main() says how to attach)
+        if self._handle_signals:  # vlmrl-tui only: Pilot tests share pytest's loop
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, lambda sig=sig: self.exit("signal", return_code=128 + sig))
         if self._gpu_enabled:
             self._gpu_sampler = start_sampler(
                 lambda report: self.post_message(GpuUpdated(report)),

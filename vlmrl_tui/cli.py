@@ -9,6 +9,7 @@ traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -189,6 +190,10 @@ def doctor(
     raise typer.Exit(code)
 
 
+#: errors of the file system under the run directory: one line, not a traceback
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def main() -> None:
     """Console-script entry point: expected errors become one line and their exit code."""
     try:
@@ -196,6 +201,13 @@ def main() -> None:
     except VlmrlError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        typer.echo(f"error: {e.strerror}{where}: free space or make the run directory writable, then "
+                   "continue the run with `vlmrl run CONFIG --resume`", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -55,6 +55,7 @@ class ControlServer:
         self.handler = handler
         self.path = socket_path(run_dir)
         self._server: asyncio.AbstractServer | None = None
+        self._ident: tuple[int, int] | None = None
 
     async def start(self) -> str:
         """Listen; a stale socket file (nobody listening) is replaced. Returns the path."""
@@ -70,7 +71,25 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
         return str(self.path)
+
+    def intact(self) -> bool:
+        """Whether the socket file is still the one this server listens on (a temp-dir
+        cleaner, or a user, may have deleted it)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
+    async def renew(self) -> str:
+        """Listen on a fresh socket file at the same path; returns the path."""
+        if self._server is not None:
+            self._server.close()  # no unlink: the path is no longer ours
+            self._server = None
+        return await self.start()
 
     async def close(self) -> None:
         if self._server is not None:

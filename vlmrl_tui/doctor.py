@@ -7,7 +7,9 @@ transformers for real, because a broken pairing (e.g. torch 2.13 with any torchv
 only shows on import; vLLM is imported by the python that will run it (usually its own
 venv), in a subprocess (:mod:`backend.vllm_ext.probe`), never in this process. The GPU
 checks (devices, driver vs CUDA build, GPU sharing, P2P, the trainer's memory estimate,
-which only the full doctor makes) live in :mod:`vlmrl_tui.doctor_gpu`.
+which only the full doctor makes) live in :mod:`vlmrl_tui.doctor_gpu`; the full doctor's
+image-token check (a running server's prompt-token count against the trainer's processor's)
+in :mod:`vlmrl_tui.doctor_tokens`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any, Mapping
 from backend import net
 from backend.config import KNOWN_NCCL_VARS, VlmrlConfig
 from backend.errors import ConfigError, VlmrlError
-from vlmrl_tui.checks import FAIL, OK, SKIP, WARN, CheckResult, format_check, torch_requirements
+from vlmrl_tui.checks import (FAIL, OK, SKIP, WARN, CheckResult, check_bind_host, check_remote_media, format_check,
+                              torch_requirements)
 from vlmrl_tui.doctor_gpu import (
     check_colocation,
     check_cuda_build,
@@ -33,6 +36,7 @@ from vlmrl_tui.doctor_gpu import (
     check_overlap,
     check_p2p,
 )
+from vlmrl_tui.doctor_tokens import check_image_tokens
 from vlmrl_tui.doctor_vllm import check_vllm
 from vlmrl_tui.plan import build_plan, run_dir_problem
 
@@ -214,6 +218,9 @@ def check_disk(cfg: VlmrlConfig) -> CheckResult:
     except OSError as e:
         return CheckResult("disk", WARN, f"cannot measure free space at {where}: {e}")
     text = f"{free / GiB:.1f} GiB free at {where} (output dir {out})"
+    if not os.access(where, os.W_OK):  # also false for root on a read-only mount
+        return CheckResult("disk", FAIL, f"{where} is not writable (output dir {out})",
+                           "set trainer.args.output_dir (or --output-dir) to a writable directory")
     fix = "free some space or set trainer.args.output_dir to a larger disk"
     if free < DISK_FAIL:
         return CheckResult("disk", FAIL, text, fix)
@@ -349,6 +356,7 @@ def run_checks(
     if cfg is not None:
         inf = cfg.inference
         results.append(check_port("server port", inf.host, inf.port, "inference.port"))
+        results += [check_bind_host(cfg), check_remote_media(cfg)]
         if cfg.trainer.args.sync_port:
             results.append(check_port("sync port", "127.0.0.1", cfg.trainer.args.sync_port, "trainer.args.sync_port"))
         else:
@@ -364,6 +372,14 @@ def run_checks(
         results.append(check_disk(cfg))
         results.append(check_model(cfg, env))
         results.append(check_env_id(cfg, fast_only))
+        if not fast_only:  # needs a running server (else a warning) and the processor (transformers)
+            tokens = check_image_tokens(cfg)
+            results.append(tokens)
+            if not tokens.message.startswith("skipped: no server"):
+                # the port is held by the very server this check talked to: worth knowing, not a fault
+                results[:] = [CheckResult(r.name, WARN, f"{r.message} (the server the image-token check used); "
+                                          "a new run needs the port free", r.fix)
+                              if r.name == "server port" and r.status == FAIL else r for r in results]
         if plan is not None:
             results.append(check_run_dir(cfg, plan))
         if cfg.slurm is not None or cfg.run.launcher == "slurm":

@@ -37,6 +37,8 @@ from vlmrl_tui.proctree import supervisor_alive
 MASKED = "********"
 #: NCCL >= 2.30: two ranks of one communicator may use the same GPU (server and trainer sharing one)
 MULTI_RANK_GPU_VAR = "NCCL_MULTI_RANK_GPU_ENABLE"
+#: vLLM follows redirects of the image URLs it fetches unless this is 0
+MEDIA_REDIRECTS_VAR = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 # Variables whose value is a secret: never printed.
 SECRET_VARS = frozenset({contract.ENV_RUN_TOKEN})
 # Variables vlmrl sets for which a different value in the shell is worth a warning.
@@ -285,8 +287,9 @@ def build_plan(
     shared["no_proxy"] = shared["NO_PROXY"] = no_proxy
 
     if cfg.inference.engine == "vllm":
-        server_argv = vllm_server_argv(cfg)
+        server_argv = vllm_server_argv(cfg)  # --allowed-media-domains: none unless inference.allow_http_media
         shared.update(vllm_server_env(cfg))
+        shared[MEDIA_REDIRECTS_VAR] = "0"  # a fetch from an allowed host must not be redirected to another
     else:
         server_argv = [py, "-m", "vlmrl_tui.cli", "serve", str(config_file)]
     trainer_argv = [py, "-m", "vlmrl_tui.cli", "train", str(config_file)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -59,7 +60,7 @@ from backend.records import (
     state_line,
 )
 from backend.rundir import RunDirectory, failure_lines, write_json_atomic
-from vlmrl_tui import proctree
+from vlmrl_tui import proctree, runlock
 from vlmrl_tui.child import Child
 from vlmrl_tui.control import ControlServer
 from vlmrl_tui.plan import RunPlan
@@ -68,6 +69,10 @@ LOG_TAIL_LINES = 30
 HISTORY_MAX = 500
 MAX_BACKOFF_S = 60.0
 _TRACK_EVERY_S = 0.5
+#: how often the supervisor checks that its control socket file still exists
+CONTROL_CHECK_S = 2.0
+#: disk space held in the run directory while the run lives (run.json is a few KiB)
+RESERVE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,13 @@ class Supervisor:
 
     async def run(self) -> int:
         """Run the plan to its end; every process of the run is gone when this returns."""
+        run_lock = runlock.acquire(self.rd.path)  # RunDirBusy before anything is written
+        try:
+            return await self._run_locked(run_lock)
+        finally:
+            run_lock.release()
+
+    async def _run_locked(self, run_lock: runlock.RunLock) -> int:
         self._loop = asyncio.get_running_loop()
         self._inbox = asyncio.Queue()
         self._children = {s.name: Child(s) for s in self.plan.processes}
@@ -175,6 +187,8 @@ class Supervisor:
                 self._inbox.put_nowait(msg)
             self._early.clear()
         self._setup_dir()
+        if run_lock.note:
+            self._event("info", None, None, run_lock.note)
         control = None
         if self._control_enabled:
             control = ControlServer(self.command, self.rd.path)
@@ -185,6 +199,8 @@ class Supervisor:
                 control = None
         self._set_run_status(RUN_PREPARING if self.plan.prepare else RUN_STARTING)
         tracker = self._task(self._track_loop())
+        if control is not None:
+            self._task(self._keep_control(control))
         try:
             await self._main()
         except BaseException:
@@ -203,6 +219,8 @@ class Supervisor:
             self._run.control_socket = None
             self._set_run_status(self._outcome or RUN_FAILED)
             self._write()
+            with contextlib.suppress(OSError):
+                self.rd.space_reserve.unlink()
         return RUN_EXIT_CODES[self._run.status]
 
     def _task(self, coro: Any) -> asyncio.Task[Any]:
@@ -218,6 +236,7 @@ class Supervisor:
             tmp = self.rd.config.with_suffix(".toml.tmp")
             tmp.write_text(self.plan.config_toml, encoding="utf-8")
             os.replace(tmp, self.rd.config)
+        self._reserve_space()
         self._write()
 
     async def _main(self) -> None:
@@ -282,6 +301,19 @@ class Supervisor:
             for c in self._children.values():
                 c.tree.track()
             await asyncio.sleep(_TRACK_EVERY_S)
+
+    async def _keep_control(self, control: ControlServer) -> None:
+        """Listen again when the control socket file disappears (a temp-dir cleaner, a user)."""
+        while True:
+            await asyncio.sleep(CONTROL_CHECK_S)
+            if control.intact():
+                continue
+            try:
+                path = await control.renew()
+            except OSError as e:
+                self._event("info", None, None, f"control socket {control.path} is gone and cannot be renewed: {e}")
+                return
+            self._event("info", None, None, f"control socket {path} was removed; listening on it again")
 
     # ----- messages -----
 
@@ -414,7 +446,7 @@ class Supervisor:
             self._set_state(c, EXITED, f"exit code 0: {done}", ended=True)
             self._begin_shutdown(RUN_COMPLETED, None, done)
             return
-        unexpected = f"{how} (not sent by vlmrl)" if st.signal else how
+        unexpected = exit_account(rc, st.signal)
         if rc == 0:
             unexpected = "exited with code 0 while the run needed it"
         status = KILLED if st.signal else FAILED
@@ -559,7 +591,48 @@ class Supervisor:
     def _write(self) -> None:
         try:
             write_json_atomic(self.rd.run_json, self.snapshot())
+            return
         except OSError as e:
-            if self.on_event is not None:
-                with contextlib.suppress(Exception):
-                    self.on_event(SupervisorEvent("info", None, None, f"cannot write run.json: {e}"))
+            error = e
+        if error.errno in (errno.ENOSPC, errno.EDQUOT) and self.rd.space_reserve.exists():
+            # a full disk: give up the reserve so that run.json can still say how the run ended
+            with contextlib.suppress(OSError):
+                self.rd.space_reserve.unlink()
+            try:
+                write_json_atomic(self.rd.run_json, self.snapshot())
+                self._event("info", None, None, f"disk full: freed {RESERVE_BYTES // 1024} KiB reserved "
+                            f"in {self.rd.path} to keep run.json current")
+                return
+            except OSError as e:
+                error = e
+        if self.on_event is not None:
+            with contextlib.suppress(Exception):
+                self.on_event(SupervisorEvent("info", None, None, f"cannot write run.json: {error}"))
+
+    def _reserve_space(self) -> None:
+        """Hold a little disk space that :meth:`_write` frees when the disk fills up."""
+        try:
+            with open(self.rd.space_reserve, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.rd.space_reserve.unlink()
+
+
+def exit_account(rc: int, sig: str | None) -> str:
+    """An unexpected exit in words, with the likely cause of a SIGKILL nobody in vlmrl sent.
+
+    A process killed by a signal has a negative ``rc`` (and ``sig``); one whose child was
+    killed often exits ``128 + signal`` itself (a shell, torchrun, srun): 137 is SIGKILL.
+    """
+    oom = "; the kernel's OOM killer does this when memory runs out (`dmesg | grep -i oom` tells)"
+    if sig:
+        return f"killed by {sig} (not sent by vlmrl{oom if sig == 'SIGKILL' else ''})"
+    if 128 < rc < 128 + 65:
+        try:
+            name = signal.Signals(rc - 128).name
+        except ValueError:
+            return f"exit code {rc}"
+        return f"exit code {rc} (128 + {name}: a process under it was killed by {name}" + \
+            (f"{oom})" if name == "SIGKILL" else ")")
+    return f"exit code {rc}"

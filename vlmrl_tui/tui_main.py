@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         launched=launched,
         scrollback=args.scrollback,
         gpu=not args.no_gpu,
+        handle_signals=True,
     )
     result = None
     try:

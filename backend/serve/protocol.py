@@ -1,10 +1,15 @@
-"""Parsing and validating OpenAI-style chat requests for the hf engine.
+"""Parsing and validating OpenAI-style chat requests for the hf engine, and the image wire format.
 
 Everything a client can get wrong is reported as a :class:`~backend.errors.RequestError`
 naming the problem (400, or 413 for an image over the pixel limit), before anything
 reaches the engine. Messages come back in the Hugging Face processor format: content
 parts ``{"type": "image", "image": PIL.Image}`` and ``{"type": "text", "text": ...}``, the
 shape the trainer's adapter feeds the same chat template.
+
+Images travel as 8-bit RGB PNG in ``data:`` URLs (:func:`encode_png`, :func:`png_data_url`):
+the rollout client converts every image with :func:`to_rgb` before encoding it, and this
+server converts whatever it receives the same way, so the processors of the server (hf or
+vLLM) and of the trainer all get the same RGB pixels, whatever the image's mode was.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +28,8 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from backend.errors import RequestError
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 MAX_N = 256
 MAX_TOP_LOGPROBS = 20
@@ -173,6 +181,53 @@ def parse_sampling(body: dict[str, Any], vocab_size: int) -> SamplingParams:
     )
 
 
+def error_code(body: bytes) -> str | None:
+    """The ``error.code`` string of an OpenAI-style error body; None when there is none (vLLM
+    puts the HTTP status there, a number)."""
+    try:
+        err = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    code = err.get("code") if isinstance(err, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, the way the Qwen/HF processors convert it (``convert_to_rgb``):
+    transparency (alpha band, palette or colour key) composited onto white, every other mode
+    through PIL's conversion; 16-bit grey is scaled to 8 bits (PIL's conversion clips it, which
+    turns most such pictures white). ``ValueError`` for 32-bit integer or float pixels (modes
+    ``I``, ``F``): they have no agreed 8-bit scale. Loads ``img`` (a truncated file fails here)."""
+    img.load()
+    if img.mode in ("I", "F"):
+        kind = "integer" if img.mode == "I" else "float"
+        raise ValueError(f"mode {img.mode} (32-bit {kind} pixels) has no agreed 8-bit scale: convert the image to "
+                         "RGB, L or 16-bit (I;16) first")
+    if img.mode in _SIXTEEN_BIT:
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")  # 0..65535 -> 0..255, rounded
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """``img`` as the PNG bytes of its :func:`to_rgb` form (lossless from there on)."""
+    buf = io.BytesIO()
+    to_rgb(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def png_data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
 def decode_image_url(url: str, limits: MediaLimits, where: str) -> Image.Image:
     """A ``data:`` URL (or an allowed local path / ``file://`` URL) as a fully loaded PIL image."""
     if not isinstance(url, str) or not url:
@@ -242,7 +297,11 @@ def _open_image(raw: bytes, limits: MediaLimits, where: str, source: str) -> Ima
                    code="invalid_image") from None
     if img.width < 1 or img.height < 1:
         raise _bad(f"{where}: image has no pixels", code="invalid_image")
-    return img
+    try:
+        return to_rgb(img)  # as the client converts it: every processor then sees the same RGB pixels
+    except (ValueError, OSError) as e:
+        raise _bad(f"{where}: image from {source} (mode {img.mode}) cannot be served: {e}",
+                   code="invalid_image") from None
 
 
 def parse_messages(raw: Any, limits: MediaLimits) -> tuple[list[dict[str, Any]], list[Image.Image]]:

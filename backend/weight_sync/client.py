@@ -350,13 +350,13 @@ class WeightSyncClient:
                 retire()
             for j in range(len(acks)):
                 self._check_ack(acks, j, len(buckets))
-        except WeightSyncError:
+        except WeightSyncError as e:
             _settle(nxt)
-            raise
+            raise WeightSyncError(f"{e} (peer: the server at {self.base_url})") from e
         except Exception as e:  # noqa: BLE001
             _settle(nxt)
             self._break()
-            raise WeightSyncError(f"weight sync failed: {e}") from e
+            raise WeightSyncError(f"weight sync failed: {e} (peer: the server at {self.base_url})") from e
         self._post(contract.ROUTE_FINISH_WEIGHT_UPDATE, {"weight_version": int(version)})
         return SyncStats(time.monotonic() - t0, nbytes, len(buckets), ntensors, int(version), b_seconds)
 

@@ -59,6 +59,7 @@ class WeightReceiver:
         self.bytes = 0
         self.in_place = 0
         self.loaded_any = False
+        self.peer = "the trainer"  # named in errors, once a group is joined
 
     @property
     def ready(self) -> bool:
@@ -96,6 +97,7 @@ class WeightReceiver:
                     abort_group(pg)
                     raise
             self.pg, self.store, self.rank, self.world_size = pg, store, offset, world
+            self.peer = f"the trainer (rank 0 of the group at {addr}:{port})"
             self.backend, self.timeout_s = backend, timeout_s
             self._pool = BufferPool(dev)
             log.info("joined weight-sync group %s:%d as rank %d/%d (%s) in %.2fs",
@@ -153,7 +155,7 @@ class WeightReceiver:
             except BaseException as e:
                 self._failed = f"bucket {self._next_index} failed: {e}"
                 self.close()  # a collective that cannot even be posted: the group is broken
-                raise WeightSyncError(f"receiving a bucket of {spec.nbytes} bytes failed: {e}") from e
+                raise WeightSyncError(f"receiving a bucket of {spec.nbytes} bytes from {self.peer} failed: {e}") from e
             finally:
                 self._next_index += 1
                 self._turn.notify_all()
@@ -201,7 +203,7 @@ class WeightReceiver:
         try:
             # Until the bytes have landed (NCCL: the kernel's end event), polling: a blocking
             # wait or a CUDA synchronize would never return if the trainer died mid-bucket.
-            wait_work(work, self.timeout_s, f"receiving a bucket of {spec.nbytes} bytes")
+            wait_work(work, self.timeout_s, f"receiving a bucket of {spec.nbytes} bytes from {self.peer}")
         except WeightSyncError as e:  # any collective failure ends the group
             self._fail(f"receiving a bucket failed: {e}")
             self.close()  # abort first: the buffer below may still be a kernel's target until then

@@ -1,7 +1,8 @@
 """Rollouts pane: the images the model saw, beside prompt, completion, reward and advantage.
 
 An episode (a record with ``turns``) is shown as a filmstrip (episode.py renders it);
-``,``/``.`` browse its turns, ``<``/``>`` jump to the first/last one.
+``,``/``.`` browse its turns, ``<``/``>`` jump to the first/last one. Examples the step
+left out (drop records: a broken image, ...) are listed last, with their reason.
 
 Images are drawn with half blocks (``▀``, foreground = upper pixel, background = lower
 pixel) as a Rich renderable: every true-colour terminal shows them, Rich downgrades
@@ -30,7 +31,7 @@ from textual.cache import LRUCache
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
-from backend.records import RolloutRecord, rollout_position
+from backend.records import DropRecord, RolloutRecord, rollout_position
 from vlmrl_tui.panes.episode import (Prerendered, episode_header, field_grid, one_line, png_link, reward_text,
                                      signed_text, turn_action, turn_extra, turn_view)
 from vlmrl_tui.panes.table import RowTable
@@ -158,6 +159,11 @@ class RolloutStore:
                     continue
             self._parsed[step] = parsed
         return parsed
+
+    def drops(self, step: int) -> list[DropRecord]:
+        """The examples left out of ``step``, in index order."""
+        raw = self._raw.get(step, {})
+        return [d for i in sorted(raw) if (d := DropRecord.from_json(raw[i])) is not None]
 
     def rows(self, step: int, sort: str) -> list[RolloutRecord]:
         rows = list(self.records(step))
@@ -294,7 +300,9 @@ class RolloutsPane(Horizontal):
             (str(r.index), (str(r.index), str(r.group), signed_text(r.reward, ".2f"), signed_text(r.advantage),
                             completion_cell(r)))
             for r in rows
-        ])
+        ] + [(f"drop-{d.index}", (str(d.index), str(d.group), "-", "-",
+                                  Text(f"dropped: {one_line(d.drop_reason)}", style="red")))
+             for d in self.store.drops(step)])  # after the rollouts; selecting one shows nothing new
         row = 0
         if keep is not None:
             row = next((i for i, r in enumerate(rows) if r.index == keep), 0)
@@ -311,9 +319,11 @@ class RolloutsPane(Horizontal):
         rows = self.store.records(self.step)
         mean = sum(r.reward for r in rows) / len(rows) if rows else 0.0
         latest = " latest" if self.follow_latest else ""
+        dropped = len(self.store.drops(self.step))
+        dropped_text = f" · {dropped} dropped" if dropped else ""
         self._header.update(
-            f"step {self.step} · {pos}/{len(steps)}{latest} · mean {mean:.2f} · {self.sort}", layout=False
-        )
+            f"step {self.step} · {pos}/{len(steps)}{latest} · mean {mean:.2f}{dropped_text} · {self.sort}",
+            layout=False)
 
     @on(RowTable.Highlighted, "#rollout-table")
     def _row_highlighted(self, event: RowTable.Highlighted) -> None:
