@@ -116,6 +116,7 @@ def test_a_stale_control_socket_is_replaced_and_a_deleted_one_renewed(tmp_path: 
 
     code, events, info = supervise(plan, driver)
     assert seen["first"] and seen["stop"] and code == 130
+    print(f"deleted control socket renewed after {seen['renewed_after_s']:.2f} s")
     assert seen["renewed_after_s"] < CONTROL_CHECK_S * 3
     assert any("was removed; listening on it again" in e.message for e in events)
     assert info["status"] == "stopped" and not sock.exists()
@@ -260,8 +261,9 @@ def test_a_disk_that_fills_mid_run_ends_it_clearly_and_resume_completes(tmpfs: P
 
 
 @pytest.mark.timeout(400)
-def test_sigterm_to_vlmrl_tui_restores_the_terminal_and_the_run_it_launched_goes_on(tmp_path: Path,
-                                                                                     tiny_cache_dir: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_vlmrl_tui_restores_the_terminal_and_the_run_it_launched_goes_on(
+        tmp_path: Path, tiny_cache_dir: Path, sig: signal.Signals) -> None:
     import fcntl
     import pty
     import struct
@@ -304,8 +306,8 @@ def test_sigterm_to_vlmrl_tui_restores_the_terminal_and_the_run_it_launched_goes
             time.sleep(0.2)
         supervisor = json.loads((run_dir / RUN_FILE).read_text())["supervisor_pid"]
         t0 = time.monotonic()
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=30) == 128 + signal.SIGTERM
+        p.send_signal(sig)
+        assert p.wait(timeout=30) == 128 + sig
         left_s = time.monotonic() - t0
         reader.join(timeout=5)
         text = bytes(screen)
@@ -313,7 +315,7 @@ def test_sigterm_to_vlmrl_tui_restores_the_terminal_and_the_run_it_launched_goes
         assert b"The run keeps going headless" in text and str(run_dir).encode() in text.replace(b"\r\n", b"")
         assert psutil.pid_exists(supervisor)
         assert json.loads((run_dir / RUN_FILE).read_text())["status"] == "running"
-        print(f"vlmrl-tui left {left_s:.2f} s after SIGTERM; the run went on")
+        print(f"vlmrl-tui left {left_s:.2f} s after {sig.name}; the run went on")
         assert send_command(run_dir, "stop")["ok"]
         wait = time.monotonic() + 120
         while json.loads((run_dir / RUN_FILE).read_text())["status"] not in ("stopped", "failed", "completed"):
@@ -332,3 +334,26 @@ def test_sigterm_to_vlmrl_tui_restores_the_terminal_and_the_run_it_launched_goes
         if supervisor is not None and psutil.pid_exists(supervisor):
             os.killpg(supervisor, signal.SIGKILL)
         os.close(master)
+
+
+def test_the_reliability_table_and_the_tests_match_one_to_one() -> None:
+    """docs/reliability.md names only tests that exist, and every test of the reliability
+    files (faults, broken images, image tokens, security, properties) is in its table."""
+    import ast
+    import re
+
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", doc))
+    defined: dict[str, set[str]] = {}
+    for file in {f for f, _ in named} | {"test_faults.py", "test_broken_images.py", "test_image_tokens.py",
+                                         "test_security.py", "test_properties.py"}:
+        tree = ast.parse((ROOT / "tests" / file).read_text())
+        defined[file] = {n.name for n in tree.body
+                         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test_")}
+    missing = sorted(f"{f}::{t}" for f, t in named if t not in defined[f])
+    assert missing == [], f"docs/reliability.md names tests that do not exist: {missing}"
+    dedicated = ("test_faults.py", "test_broken_images.py", "test_image_tokens.py", "test_security.py",
+                 "test_properties.py")
+    untabled = sorted(f"{f}::{t}" for f in dedicated for t in defined[f] - {t for g, t in named if g == f}
+                      if t != "test_the_reliability_table_and_the_tests_match_one_to_one")
+    assert untabled == [], f"tests missing from docs/reliability.md: {untabled}"

@@ -124,11 +124,15 @@ def test_server_start_timeout_fails_with_the_last_log_lines(tmp_path: Path) -> N
 def test_kill9_of_either_child_stops_the_other(tmp_path: Path, victim: str, other: str) -> None:
     plan = make_plan(tmp_path, server_args=["--spawn-child"], trainer_args=["--steps", "400", "--step-time", "0.05"])
 
+    killed: list[float] = []
+
     async def driver(sup: Supervisor) -> None:
         await until(lambda: metrics_lines(plan) >= 2)
         os.kill(proc_state(sup, victim)["pid"], signal.SIGKILL)
+        killed.append(time.monotonic())
 
     code, _, info = supervise(plan, driver)
+    print(f"kill -9 of the {victim}: the run ended {time.monotonic() - killed[0]:.2f} s later")
     assert code == 1
     dead, stopped = info["processes"][victim], info["processes"][other]
     assert dead["status"] == "killed" and dead["signal"] == "SIGKILL" and dead["exit_code"] == -9

@@ -334,3 +334,21 @@ def test_braille_chart_draws_a_line_with_labels() -> None:
     assert rows[5].startswith(" └1") and rows[5].rstrip().endswith("4")
     empty = ChartRender(Text("loss"), [], 20, 6, styles)
     assert any("waiting for data" in "".join(s.text for s in line) for line in empty.lines(Console(width=20)))
+
+
+@pytest.mark.asyncio
+async def test_a_run_dir_of_another_format_gets_a_clear_message(tmp_path: Path) -> None:
+    from backend.records import RunInfo
+
+    run_dir = tmp_path / "old"
+    (run_dir / "logs").mkdir(parents=True)
+    data = RunInfo(name="old", status="completed").to_json()
+    data["version"] = 1
+    write_json_atomic(run_dir / "run.json", data)
+    app = make_app(run_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        def told() -> list[str]:
+            return [n.message for n in app._notifications if n.severity == "error"]  # the toasts shown
+
+        await wait_for(pilot, lambda: any("written by an older vlmrl" in m for m in told()), what="the message")
+        assert any("schema version 1" in m and str(run_dir / "run.json") in m for m in told())

@@ -157,11 +157,12 @@ class VlmrlApp(App[str | None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        # SIGTERM/SIGHUP (a closed terminal, `kill`): leave with the terminal restored; a run
-        # this app launched lives in its own session and keeps going (main() says how to attach)
+        # SIGTERM/SIGHUP/SIGINT (`kill`, a closed terminal; Ctrl-C itself is a key here): leave
+        # with the terminal restored; a run this app launched lives in its own session and
+        # keeps going (main() says how to attach)
         if self._handle_signals:  # vlmrl-tui only: Pilot tests share pytest's loop
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
                 loop.add_signal_handler(sig, lambda sig=sig: self.exit("signal", return_code=128 + sig))
         if self._gpu_enabled:
             self._gpu_sampler = start_sampler(
