@@ -355,17 +355,25 @@ LOSS_TOKENS = "loss_tokens"
 TRAINED_SEQUENCES = "trained_sequences"
 TOKENS = "tokens"
 TOKENS_PER_S = "tokens_per_s"
-ROLLOUT_S = "rollout_s"  # waiting for this step's rollouts
-TRAIN_S = "train_s"
-SYNC_S = "sync_s"
+# Where a step's time went: step_s = rollout_s + train_s + sync_s + write_s, and train_s =
+# batch_s + forward_backward_s + optimizer_s (what is left, a few function calls, is not split)
+ROLLOUT_S = "rollout_s"  # waiting for this step's rollouts (and checking them)
+TRAIN_S = "train_s"  # advantages, batches, forward/backward and the update
+BATCH_S = "batch_s"  # advantages, processor work and tensors of the micro-batches
+FORWARD_BACKWARD_S = "forward_backward_s"
+OPTIMIZER_S = "optimizer_s"  # gradient clipping, the optimizer and scheduler steps, reductions
+SYNC_S = "sync_s"  # the weights sent to the server
+WRITE_S = "write_s"  # handing the rollouts to the writer thread (PNG and JSON are written off the step)
 STEP_S = "step_s"
+PHASES: tuple[str, ...] = (ROLLOUT_S, TRAIN_S, SYNC_S, WRITE_S)  # they add up to STEP_S
+TRAIN_PHASES: tuple[str, ...] = (BATCH_S, FORWARD_BACKWARD_S, OPTIMIZER_S)  # they add up to about TRAIN_S
 TIME = "time"  # Unix epoch seconds when the step ended
 TURNS = "episode_turns"  # multi-turn environments: model turns per episode, mean over the step's episodes
 
 METRIC_KEYS: tuple[str, ...] = (
     STEP, REWARD_MEAN, REWARD_STD, LOSS, IR, IR_MIN, IR_MAX, CLIP_FRAC, MASKED_FRAC, MISMATCH_KL, KL, ENTROPY,
     GRAD_NORM, LR, NUM_ROLLOUTS, DROPPED, EXAMPLES_DROPPED, LOSS_TOKENS, TRAINED_SEQUENCES, TOKENS, TOKENS_PER_S,
-    ROLLOUT_S, TRAIN_S, SYNC_S, STEP_S, TIME, TURNS,
+    ROLLOUT_S, TRAIN_S, BATCH_S, FORWARD_BACKWARD_S, OPTIMIZER_S, SYNC_S, WRITE_S, STEP_S, TIME, TURNS,
 )
 
 

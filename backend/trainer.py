@@ -363,18 +363,21 @@ class MultimodalGRPOTrainer:
                 t1 = time.perf_counter()
                 metrics = self.train_step(rollouts)
                 t2 = time.perf_counter()
-                sync_s = self.sync_weights() if step % cfg.sync_to_vllm_every == 0 else 0.0
+                if step % cfg.sync_to_vllm_every == 0:
+                    self.sync_weights()
+                t3 = time.perf_counter()
                 # Rollouts (PNGs, JSON) are written by a helper thread while the next step runs.
                 if self._rollout_writer is not None:
                     self._rollout_writer.submit(step, rollouts)
-                step_s = time.perf_counter() - t0
+                t4 = time.perf_counter()
                 record = rec.MetricRecord(step, {
                     **metrics, rec.EXAMPLES_DROPPED: dropped,
                     rec.TOKENS_PER_S: metrics[rec.TOKENS] / max(t2 - t1, 1e-9),
                     rec.ROLLOUT_S: t1 - t0,
                     rec.TRAIN_S: t2 - t1,
-                    rec.SYNC_S: sync_s,
-                    rec.STEP_S: step_s,
+                    rec.SYNC_S: t3 - t2,  # sync_weights' own figure leaves out its bookkeeping
+                    rec.WRITE_S: t4 - t3,
+                    rec.STEP_S: t4 - t0,
                     rec.TIME: time.time(),
                 })
                 line = record.to_json()  # JSON has no NaN: a metric with no token to average over is null

@@ -15,6 +15,7 @@ Metrics are reduced over ranks, so every rank returns the same ones.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Sequence
 
 import torch
@@ -56,6 +57,7 @@ def grpo_step(tr: Any, rollouts: Sequence[Rollout]) -> dict[str, Any]:
     """One optimizer step of ``tr`` on ``rollouts`` (advantages computed here). Returns metrics."""
     cfg = tr.config
     info = tr.dist
+    t_start = time.perf_counter()
     tr.compute_advantages(rollouts)  # on every rank from all rollouts: groups span ranks
     mine = D.share(rollouts, info)
     dropped: list[DroppedRollout] = []
@@ -90,6 +92,7 @@ def grpo_step(tr: Any, rollouts: Sequence[Rollout]) -> dict[str, Any]:
     loss_sum = 0.0
     seq_tokens = 0
     tr.optimizer.zero_grad(set_to_none=True)
+    t_batched = time.perf_counter()
     for mb, weight in runs:
         with tr.precision.forward_context(tr.device), layers_training(tr._ckpt_layers):
             logprobs, entropy = token_logprobs(tr.model, tr.adapter, mb, temperature=cfg.temperature, bias=tr.bias,
@@ -110,6 +113,9 @@ def grpo_step(tr: Any, rollouts: Sequence[Rollout]) -> dict[str, Any]:
             loss_sum += float(out.loss.detach())
             stats.merge(out.stats)
             seq_tokens += mb.num_tokens
+    if tr.device.type == "cuda":
+        torch.cuda.synchronize(tr.device)  # the backward's kernels count here, not in the optimizer's time
+    t_backward = time.perf_counter()
     has_data = denom_seqs > 0
     if has_data and not runs:
         for p in tr.params:  # what a batch of zero advantages gives: AdamW still steps
@@ -132,6 +138,7 @@ def grpo_step(tr: Any, rollouts: Sequence[Rollout]) -> dict[str, Any]:
     loss_sum, seq_tokens = D.all_sum([loss_sum, seq_tokens], info)
     stats = _reduce_stats(stats, info)
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+    t_end = time.perf_counter()
     episodes = [len(r.turns) for r in rollouts if r.is_episode]
     extra = {rec.TURNS: sum(episodes) / len(episodes)} if episodes else {}
     return {
@@ -146,5 +153,8 @@ def grpo_step(tr: Any, rollouts: Sequence[Rollout]) -> dict[str, Any]:
         rec.LOSS_TOKENS: int(denom_tokens),
         rec.TRAINED_SEQUENCES: int(stats.sequences),
         rec.TOKENS: int(seq_tokens),
+        rec.BATCH_S: t_batched - t_start,
+        rec.FORWARD_BACKWARD_S: t_backward - t_batched,
+        rec.OPTIMIZER_S: t_end - t_backward,
         **extra,
     }

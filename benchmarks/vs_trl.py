@@ -113,8 +113,15 @@ def _vlmrl_config(a: argparse.Namespace, run_dir: Path) -> Any:
     )
 
 
-def run_vlmrl_inprocess(model_dir: str, a: argparse.Namespace, workdir: Path) -> list[float]:
-    """Per-step wall times of vlmrl's trainer sampling in-process (no server)."""
+def _breakdown(hist: list[dict[str, Any]], warmup: int) -> dict[str, float]:
+    """Median seconds per phase of the step (metrics.jsonl's accounting: they add up to step_s)."""
+    from backend.records import PHASES, TRAIN_PHASES
+
+    return {k: _median_after([m[k] for m in hist], warmup) for k in (*PHASES, *TRAIN_PHASES)}
+
+
+def run_vlmrl_inprocess(model_dir: str, a: argparse.Namespace, workdir: Path) -> tuple[list[float], dict[str, float]]:
+    """Per-step wall times of vlmrl's trainer sampling in-process (no server), and where they went."""
     from backend.adapters import adapter_for
     from backend.models import load_model_and_processor
     from backend.trainer import MultimodalGRPOTrainer
@@ -125,7 +132,8 @@ def run_vlmrl_inprocess(model_dir: str, a: argparse.Namespace, workdir: Path) ->
     tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor),
                                _vlmrl_config(a, run_dir), env=make_env("colors", {}), run_dir=run_dir,
                                log=lambda s: None)
-    return [m["step_s"] for m in tr.train()]
+    hist = tr.train()
+    return [m["step_s"] for m in hist], _breakdown(hist, a.warmup)
 
 
 def run_vlmrl_server(model_dir: str, a: argparse.Namespace, workdir: Path) -> tuple[list[float], dict[str, float]]:
@@ -175,8 +183,7 @@ def run_vlmrl_server(model_dir: str, a: argparse.Namespace, workdir: Path) -> tu
             hist = tr.train()
         finally:
             sync.close()
-        parts = {k: _median_after([m[k] for m in hist], a.warmup) for k in ("rollout_s", "train_s", "sync_s")}
-        return [m["step_s"] for m in hist], parts
+        return [m["step_s"] for m in hist], _breakdown(hist, a.warmup)
     finally:
         proc.terminate()
         try:
@@ -222,10 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ""
                 if side == "trl":
                     times = run_trl(model_dir, a, work)
-                elif side == "vlmrl-inprocess":
-                    times = run_vlmrl_inprocess(model_dir, a, work)
-                elif side == "vlmrl-server":
-                    times, parts = run_vlmrl_server(model_dir, a, work)
+                elif side in ("vlmrl-inprocess", "vlmrl-server"):
+                    run = run_vlmrl_inprocess if side == "vlmrl-inprocess" else run_vlmrl_server
+                    times, parts = run(model_dir, a, work)
                     extra = " (" + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) + ")"
                 else:
                     p.error(f"unknown side {side!r}")

@@ -21,12 +21,13 @@ from backend.checkpoint import read_trainer_state
 from backend.records import TrainerState
 from backend.trainer import MultimodalGRPOTrainer
 from environments import make_env
+from backend.records import PHASES, TRAIN_PHASES
 from tests.tinytrainer import load_tiny, tiny_cfg, tiny_trainer
 
 METRIC_KEYS = {
     "step", "reward_mean", "reward_std", "loss", "ir", "ir_min", "ir_max", "entropy", "kl", "mismatch_kl",
     "clip_frac", "masked_frac", "grad_norm", "lr", "tokens_per_s", "rollout_s", "train_s", "sync_s", "step_s",
-    "num_rollouts", "dropped", "time",
+    "num_rollouts", "dropped", "time", "batch_s", "forward_backward_s", "optimizer_s", "write_s",
 }
 
 
@@ -157,6 +158,12 @@ def test_train_writes_metrics_rollouts_images_and_checkpoints(tiny_model_dir: Pa
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] == [h["step"] for h in history]
     for m in metrics:
         assert METRIC_KEYS <= m.keys(), METRIC_KEYS - m.keys()
+        # where the step's time went adds up to it; the train phases to the training time
+        assert m["step_s"] == pytest.approx(sum(m[k] for k in PHASES), abs=1e-6)
+        inner = sum(m[k] for k in TRAIN_PHASES)
+        assert all(m[k] >= 0 for k in (*PHASES, *TRAIN_PHASES)) and 0.8 * m["train_s"] <= inner <= m["train_s"]
+        if m["step"] % 2:  # synced every 2 steps: nothing to count in between
+            assert m["sync_s"] < 1e-3
     assert sync.versions == [2, 4]
     assert "model.visual.patch_embed.proj.weight" in sync.names and "lm_head.weight" in sync.names
     rollouts = list(read_jsonl(rd.rollouts))
