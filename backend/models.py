@@ -1,7 +1,7 @@
 """Resolving model names and loading models/processors.
 
-A model is one of: ``builtin:tiny-<family>`` (built once, offline, into a cache directory
-and reused), a local directory (used as is), or a hub id (left to transformers, so users
+A model is one of: ``builtin:tiny-<family>`` or ``builtin:small-qwen3-vl`` (built once,
+offline, into a cache directory and reused), a local directory (used as is), or a hub id (left to transformers, so users
 with a hub keep working; with ``HF_HUB_OFFLINE`` set it must already be in the HF cache).
 Every failure is a one-line :class:`ModelError` naming the model.
 """
@@ -24,7 +24,10 @@ BUILTINS: dict[str, str] = {
     "tiny-qwen2.5-vl": "qwen2.5-vl",
     "tiny-qwen2-vl": "qwen2-vl",
     "tiny-llava": "llava",
+    "small-qwen3-vl": "qwen3-vl",
 }
+#: builtin name -> size (backend.tiny.SIZES) where it is not "tiny"
+BUILTIN_SIZES: dict[str, str] = {"small-qwen3-vl": "small"}
 
 #: config.model_type -> family name used across vlmrl (adapters, tiny builder)
 MODEL_TYPE_FAMILY: dict[str, str] = {
@@ -103,7 +106,8 @@ def _ensure_builtin(name: str, seed: int = 0) -> Path:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             if read_provenance(target) is None:
-                build_tiny(BUILTINS[name], target, seed=seed, warmup=True, progress=True)
+                build_tiny(BUILTINS[name], target, seed=seed, warmup=True, progress=True,
+                           size=BUILTIN_SIZES.get(name, "tiny"))
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     return target

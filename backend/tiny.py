@@ -27,6 +27,10 @@ from backend.errors import ModelError
 BUILDER_VERSION = 1
 
 FAMILIES: tuple[str, ...] = ("qwen3-vl", "qwen2.5-vl", "qwen2-vl", "llava")
+#: "tiny": a few hundred thousand parameters (tests, the default job); "small": ~30 M
+#: parameters and up to 256 image tokens, where compute dominates a step on CPU (benchmarks)
+SIZES: tuple[str, ...] = ("tiny", "small")
+SMALL_FAMILIES: tuple[str, ...] = ("qwen3-vl",)
 
 # Special tokens, in id order after the byte-level alphabet and merges.
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -156,14 +160,15 @@ def _wrap_tokenizer(tok: Any, family: str) -> Any:
     )
 
 
-def _text_kwargs(vocab: int, tok: Any) -> dict[str, Any]:
+def _text_kwargs(vocab: int, tok: Any, size: str = "tiny") -> dict[str, Any]:
+    small = size == "small"
     return dict(
         vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=512 if small else 128,
+        intermediate_size=1536 if small else 256,
+        num_hidden_layers=8 if small else 2,
+        num_attention_heads=8 if small else 4,
+        num_key_value_heads=4 if small else 2,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         bos_token_id=None,
@@ -182,22 +187,29 @@ def _qwen_ids(tok: Any) -> dict[str, int]:
     )
 
 
-def make_config(family: str, tok: Any) -> Any:
-    """The tiny model config for ``family``; ``vocab_size = len(tok)``."""
+def make_config(family: str, tok: Any, size: str = "tiny") -> Any:
+    """The model config for ``family`` at ``size`` (see :data:`SIZES`); ``vocab_size = len(tok)``."""
+    _check_size(family, size)
     vocab = len(tok)
-    text = _text_kwargs(vocab, tok)
+    text = _text_kwargs(vocab, tok, size)
     if family == "qwen3-vl":
         from transformers import Qwen3VLConfig
 
+        small = size == "small"
         text.update(
-            head_dim=32,
+            head_dim=64 if small else 32,
             # mrope sections (t, h, w) sum to head_dim / 2; interleaved like the real checkpoints.
-            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5],
-                             "mrope_interleaved": True},
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                             "mrope_section": [12, 10, 10] if small else [6, 5, 5], "mrope_interleaved": True},
         )
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16,
-                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
-                      num_position_embeddings=256, deepstack_visual_indexes=[0])
+        if small:  # 256x256 pixels -> 16x16 patches -> 64 image tokens; up to 512x512 -> 256
+            vision = dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=16,
+                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=512,
+                          num_position_embeddings=1024, deepstack_visual_indexes=[1, 3])
+        else:
+            vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16,
+                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
+                          num_position_embeddings=256, deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tok))
     if family in ("qwen2-vl", "qwen2.5-vl"):
         text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]})
@@ -231,8 +243,16 @@ def make_config(family: str, tok: Any) -> Any:
     raise ModelError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
-def make_processor(family: str, tokenizer: Any) -> Any:
-    """The processor: a ~64x64 image gives a handful of vision tokens (4 for Qwen, 16 for LLaVA)."""
+def _check_size(family: str, size: str) -> None:
+    if size not in SIZES:
+        raise ModelError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    if size == "small" and family not in SMALL_FAMILIES:
+        raise ModelError(f"no small {family} model; small models exist for {', '.join(SMALL_FAMILIES)}")
+
+
+def make_processor(family: str, tokenizer: Any, size: str = "tiny") -> Any:
+    """The processor: a ~64x64 image gives a handful of vision tokens (4 for Qwen, 16 for LLaVA);
+    the small model takes up to 512x512 pixels (256 image tokens)."""
     if family == "llava":
         from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -244,8 +264,8 @@ def make_processor(family: str, tokenizer: Any) -> Any:
 
     patch = 16 if family == "qwen3-vl" else 14
     factor = patch * 2
-    # min/max pixels bound the image token count: 64x64 -> 2x2 merged tokens; at most 8x8.
-    pixels = {"shortest_edge": factor * factor, "longest_edge": (factor * 8) ** 2}
+    # min/max pixels bound the image token count: 64x64 -> 2x2 merged tokens; at most 8x8 (16x16 small).
+    pixels = {"shortest_edge": factor * factor, "longest_edge": (factor * (16 if size == "small" else 8)) ** 2}
     ip = Qwen2VLImageProcessor(size=pixels, patch_size=patch, merge_size=2, temporal_patch_size=2)
     if family == "qwen3-vl":
         from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
@@ -325,8 +345,11 @@ def warmup_format(model: Any, processor: Any, seed: int, steps: int = WARMUP_STE
     return losses
 
 
-def _provenance(family: str, seed: int, warmup: bool) -> dict[str, Any]:
-    return {"family": family, "seed": seed, "warmup": warmup, "builder_version": BUILDER_VERSION}
+def _provenance(family: str, seed: int, warmup: bool, size: str = "tiny") -> dict[str, Any]:
+    prov = {"family": family, "seed": seed, "warmup": warmup, "builder_version": BUILDER_VERSION}
+    if size != "tiny":  # tiny builds made before sizes existed stay valid
+        prov["size"] = size
+    return prov
 
 
 def read_provenance(path: str | Path) -> dict[str, Any] | None:
@@ -343,16 +366,18 @@ def _same_build(path: Path, prov: dict[str, Any]) -> bool:
 
 
 def build_tiny(family: str, out_dir: str | Path, seed: int = 0, warmup: bool = True,
-               progress: bool = False) -> Path:
-    """Build a tiny ``family`` model into ``out_dir`` (atomically) and return its path.
+               progress: bool = False, size: str = "tiny") -> Path:
+    """Build a ``family`` model of ``size`` (tiny by default) into ``out_dir`` (atomically) and
+    return its path.
 
-    Deterministic for ``seed``. If ``out_dir`` already holds the same build (family, seed,
-    warm-up, builder version) it is reused; any other non-empty ``out_dir`` is an error.
+    Deterministic for ``seed``. If ``out_dir`` already holds the same build (family, size,
+    seed, warm-up, builder version) it is reused; any other non-empty ``out_dir`` is an error.
     """
     if family not in FAMILIES:
         raise ModelError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    _check_size(family, size)
     out = Path(out_dir).expanduser().absolute()
-    prov = _provenance(family, seed, warmup)
+    prov = _provenance(family, seed, warmup, size)
     if out.exists():
         if _same_build(out, prov):
             return out
@@ -360,12 +385,12 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0, warmup: bool = T
             held = read_provenance(out)
             what = f" (it holds another tiny build: {held})" if held else ""
             raise ModelError(f"{out} exists and is not an empty directory{what}; choose another output directory")
-    log: Callable[[str], None] | None = (lambda s: print(f"[tiny {family}] {s}", flush=True)) if progress else None
+    log: Callable[[str], None] | None = (lambda s: print(f"[{size} {family}] {s}", flush=True)) if progress else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     try:
-        _build_into(family, tmp, seed, warmup, log)
+        _build_into(family, tmp, seed, warmup, log, size)
         (tmp / "vlmrl_tiny.json").write_text(json.dumps(prov, indent=2) + "\n")
         try:
             # rename() is atomic and replaces an empty directory; a concurrent builder that won
@@ -385,14 +410,15 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0, warmup: bool = T
     return out
 
 
-def _build_into(family: str, path: Path, seed: int, warmup: bool, log: Callable[[str], None] | None) -> None:
+def _build_into(family: str, path: Path, seed: int, warmup: bool, log: Callable[[str], None] | None,
+                size: str = "tiny") -> None:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     tok = _wrap_tokenizer(build_tokenizer(LLAVA_SPECIAL_TOKENS if family == "llava" else QWEN_SPECIAL_TOKENS),
                           family)
-    config = make_config(family, tok)
-    processor = make_processor(family, tok)
+    config = make_config(family, tok, size)
+    processor = make_processor(family, tok, size)
     # fork_rng: the caller's global RNG state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -59,7 +59,7 @@ def run_trl(model_dir: str, a: argparse.Namespace, workdir: Path) -> list[float]
     from environments import make_env
     from environments.colors import QUESTION, first_word
 
-    env = make_env("colors", {})
+    env = make_env("colors", {"image_size": a.image_size})
     n_examples = a.prompts * (a.steps + a.warmup)
     examples = [ex for s in range(a.steps + a.warmup) for ex in env.train_examples(s + 1, a.prompts)][:n_examples]
     ds = Dataset.from_list([
@@ -130,7 +130,7 @@ def run_vlmrl_inprocess(model_dir: str, a: argparse.Namespace, workdir: Path) ->
     model, processor = load_model_and_processor(model_dir)
     run_dir = workdir / "vlmrl-inprocess"
     tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor),
-                               _vlmrl_config(a, run_dir), env=make_env("colors", {}), run_dir=run_dir,
+                               _vlmrl_config(a, run_dir), env=make_env("colors", {"image_size": a.image_size}), run_dir=run_dir,
                                log=lambda s: None)
     hist = tr.train()
     return [m["step_s"] for m in hist], _breakdown(hist, a.warmup)
@@ -177,7 +177,7 @@ def run_vlmrl_server(model_dir: str, a: argparse.Namespace, workdir: Path) -> tu
         sync = WeightSyncClient(url, token, backend="gloo", timeout_s=120).init()
         run_dir = workdir / "vlmrl-server"
         tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor),
-                                   _vlmrl_config(a, run_dir), env=make_env("colors", {}), rollout_source=client,
+                                   _vlmrl_config(a, run_dir), env=make_env("colors", {"image_size": a.image_size}), rollout_source=client,
                                    weight_sync=sync, run_dir=run_dir, banned_ids=banned, log=lambda s: None)
         try:
             hist = tr.train()
@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=8, help="max completion tokens")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--only", default="trl,vlmrl-server,vlmrl-inprocess", help="comma-separated sides to run")
-    p.add_argument("--model", default="builtin:tiny-qwen3-vl")
+    p.add_argument("--model", default="builtin:tiny-qwen3-vl",
+                   help="builtin:small-qwen3-vl with --image-size 256 --max-tokens 64: a shape where compute dominates")
+    p.add_argument("--image-size", type=int, default=64, help="colour image side in pixels (64: 4 image tokens)")
     p.add_argument("--rounds", type=int, default=2,
                    help="run the sides this many times, alternating, so load changes hit all of them")
     a = p.parse_args(argv)
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = resolve_model(a.model)
     sides = [s.strip() for s in a.only.split(",") if s.strip()]
-    print(f"model {a.model} ({model_dir}); {a.prompts} prompts x {a.group} completions x {a.max_tokens} tokens; "
+    print(f"model {a.model} ({model_dir}); {a.image_size}px images; {a.prompts} prompts x {a.group} completions x "
+          f"{a.max_tokens} tokens; "
           f"torch threads {torch.get_num_threads()}; {a.warmup} warm-up + {a.steps} timed steps", flush=True)
     per_side: dict[str, list[float]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="vlmrl-vs-trl-") as tmp:

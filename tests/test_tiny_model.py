@@ -265,3 +265,30 @@ def test_cli_build_tiny(tmp_path: Path) -> None:
         [sys.executable, "-m", "vlmrl_tui.cli", "model", "build-tiny", "--family", "llava", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_the_small_model_has_tens_of_millions_of_parameters_and_64_image_tokens_at_256_pixels(
+        tmp_path: Path) -> None:
+    """builtin:small-qwen3-vl's shape (built without its warm-up here: the weights do not matter)."""
+    from PIL import Image
+
+    from backend.errors import ModelError
+    from backend.models import BUILTIN_SIZES, BUILTINS, load_model_and_processor
+    from backend.tiny import build_tiny
+
+    assert BUILTINS["small-qwen3-vl"] == "qwen3-vl" and BUILTIN_SIZES["small-qwen3-vl"] == "small"
+    path = build_tiny("qwen3-vl", tmp_path / "small", warmup=False, size="small")
+    model, processor = load_model_and_processor(str(path))
+    n = sum(p.numel() for p in model.parameters())
+    assert 20e6 <= n <= 50e6, n
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for side, tokens in ((256, 64), (512, 256), (64, 4)):
+        img = Image.new("RGB", (side, side), (200, 10, 10))
+        msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "colour?"}]}]
+        text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        enc = processor(text=[text], images=[[img]], return_tensors="pt")
+        assert int((enc["input_ids"] == pad).sum()) == tokens, side
+    with torch.no_grad():
+        assert model(**enc).logits.shape[-1] == len(processor.tokenizer)
+    with pytest.raises(ModelError, match="no small llava model"):
+        build_tiny("llava", tmp_path / "nope", size="small")

@@ -77,11 +77,12 @@ def model_build_tiny(
     family: str = typer.Option("qwen3-vl", help="qwen3-vl | qwen2.5-vl | qwen2-vl | llava"),
     seed: int = typer.Option(0, help="seed for weights and warm-up"),
     warmup: bool = typer.Option(True, help="format-only warm-up of the language model"),
+    size: str = typer.Option("tiny", help="tiny (a few hundred thousand parameters) | small (~30M, qwen3-vl)"),
 ) -> None:
-    """Build a tiny VLM offline (real HF model directory, tokenizer trained locally)."""
+    """Build a tiny (or small) VLM offline (real HF model directory, tokenizer trained locally)."""
     from backend.tiny import build_tiny
 
-    path = build_tiny(family, out_dir, seed=seed, warmup=warmup, progress=True)
+    path = build_tiny(family, out_dir, seed=seed, warmup=warmup, progress=True, size=size)
     typer.echo(f"wrote {path}")
 
 
