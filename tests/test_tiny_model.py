@@ -178,8 +178,10 @@ def test_resolve_builtin_builds_once_and_reuses(tmp_path: Path, monkeypatch: pyt
     calls: list[str] = []
     real = tiny.build_tiny
 
-    def counting(family: str, out_dir: Any, seed: int = 0, warmup: bool = True, progress: bool = False) -> Path:
+    def counting(family: str, out_dir: Any, seed: int = 0, warmup: bool = True, progress: bool = False,
+                 size: str = "tiny") -> Path:
         calls.append(family)
+        assert size == "tiny"
         return real(family, out_dir, seed=seed, warmup=False)  # warm-up is tested elsewhere; keep it fast
 
     monkeypatch.setattr(tiny, "build_tiny", counting)
