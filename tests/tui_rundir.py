@@ -139,6 +139,7 @@ def metrics(steps: int, max_steps: int) -> list[dict]:
             "mismatch_kl": round(1e-4 * (1 + math.sin(step)), 7), "clip_frac": round(0.02 + 0.01 * math.sin(step), 4),
             "masked_frac": 0.0, "grad_norm": round(0.8 + 0.3 * math.cos(step), 4), "lr": 3e-4,
             "tokens_per_s": round(_tps(step), 2), "rollout_s": 0.9, "train_s": 0.6, "sync_s": 0.12,
+            "batch_s": 0.05, "forward_backward_s": 0.5, "optimizer_s": 0.04, "write_s": 0.08,
             "step_s": 1.7, "num_rollouts": 8, "time": T0 + 31.0 + 1.7 * step,
         })
     return out

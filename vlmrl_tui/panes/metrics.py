@@ -61,9 +61,14 @@ TABLE_KEYS: tuple[tuple[str, str], ...] = (
     (r.GRAD_NORM, "grad norm"),
     (r.LR, "lr"),
     (r.TOKENS_PER_S, "tokens/s"),
+    # where the step's time went: these four add up to step s; the indented three to train s
     (r.ROLLOUT_S, "rollout s"),
     (r.TRAIN_S, "train s"),
+    (r.BATCH_S, "  batch s"),
+    (r.FORWARD_BACKWARD_S, "  fwd+bwd s"),
+    (r.OPTIMIZER_S, "  optimizer s"),
     (r.SYNC_S, "sync s"),
+    (r.WRITE_S, "write s"),
     (r.STEP_S, "step s"),
 )
 
