@@ -37,25 +37,15 @@ class ImageTokenMismatch(VlmrlError):
     """The server counted another number of prompt tokens than the trainer's processor."""
 
 
-def _image_token_id(processor: Any) -> int | None:
-    tid = getattr(processor, "image_token_id", None)
-    if tid is None:
-        token = getattr(processor, "image_token", None)
-        tok = getattr(processor, "tokenizer", None)
-        if token is not None and tok is not None:
-            tid = tok.convert_tokens_to_ids(token)
-    return int(tid) if isinstance(tid, int) else None
-
-
 def trainer_prompt_tokens(adapter: Any, messages: list[dict[str, Any]], images: Sequence[Any]) -> tuple[int, int | None]:
     """(prompt tokens, image tokens among them) as the trainer encodes ``messages`` with ``images``.
 
     ``adapter`` is a :class:`~backend.adapters.base.ProcessorAdapter` (what the trainer's batches
-    are built with); the image-token count is None when the processor names no image token.
+    are built with); the image-token count is None when the adapter knows no image token.
     Raises what the processor raises for a prompt it cannot encode.
     """
     enc = adapter.encode_prompt(messages, list(images))
-    tid = _image_token_id(adapter.processor)
+    tid = adapter.image_token_id()
     n_img = int((enc.input_ids == tid).sum()) if tid is not None else None
     return enc.length, n_img
 

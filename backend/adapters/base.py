@@ -181,6 +181,14 @@ class ProcessorAdapter(MultimodalAdapter):
         """A reason to drop the prompt if its image tokens do not match its images, else None."""
         return None
 
+    def image_token_id(self) -> int | None:
+        """The id of the token an image expands to (None when the processor names none)."""
+        tid = getattr(self.processor, "image_token_id", None)
+        token = getattr(self.processor, "image_token", None)
+        if tid is None and token is not None:
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+        return int(tid) if isinstance(tid, int) else None
+
     # --- encoding -----------------------------------------------------------------------------
 
     def prompt_text(self, messages: list[dict[str, Any]]) -> str:

@@ -14,7 +14,7 @@ class LlavaAdapter(ProcessorAdapter):
     name = "llava"
     model_types = ("llava", "llava_next")
 
-    def _image_token_id(self) -> int:
+    def image_token_id(self) -> int:
         tid = getattr(self.processor, "image_token_id", None)
         if tid is None:
             tid = getattr(self.model_config, "image_token_index", None) or self.tokenizer.convert_tokens_to_ids(
@@ -36,7 +36,7 @@ class LlavaAdapter(ProcessorAdapter):
 
     def check_images(self, enc: PromptEncoding, n_images: int) -> str | None:
         pv = enc.image_kwargs.get("pixel_values")
-        n_tokens = int((enc.input_ids == self._image_token_id()).sum())
+        n_tokens = int((enc.input_ids == self.image_token_id()).sum())
         got = 0 if pv is None else int(pv.shape[0])
         if got != n_images:
             return f"{n_images} image(s) but pixel_values for {got}"

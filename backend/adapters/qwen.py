@@ -28,7 +28,7 @@ class QwenVLAdapter(ProcessorAdapter):
 
     token_keys: ClassVar[tuple[str, ...]] = ("mm_token_type_ids",)
 
-    def _image_token_id(self) -> int:
+    def image_token_id(self) -> int:
         tid = getattr(self.processor, "image_token_id", None)
         if tid is None:
             tid = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -36,7 +36,7 @@ class QwenVLAdapter(ProcessorAdapter):
 
     def check_images(self, enc: PromptEncoding, n_images: int) -> str | None:
         grid = enc.image_kwargs.get("image_grid_thw")  # (images, 3)
-        n_tokens = int((enc.input_ids == self._image_token_id()).sum())
+        n_tokens = int((enc.input_ids == self.image_token_id()).sum())
         if grid is None:
             return None if n_tokens == 0 and n_images == 0 else (
                 f"{n_tokens} image tokens but the processor returned no image_grid_thw for {n_images} image(s)"
