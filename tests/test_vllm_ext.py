@@ -203,8 +203,9 @@ class FakeEngine:
     async def resume_generation(self) -> None:
         self.calls.append("resume")
 
-    async def reset_prefix_cache(self) -> bool:
-        self.calls.append("reset_prefix")
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        # frozen requests hold KV blocks of the old weights: only a reset that preempts them clears all
+        self.calls.append("reset_prefix" if reset_running_requests else "reset_prefix:idle-only")
         return True
 
     async def reset_encoder_cache(self) -> None:
@@ -287,7 +288,7 @@ def test_update_pauses_resets_caches_sets_int_version() -> None:
             assert info["init_probe"] is True and info["ordered_updates"] is False
             assert (await c.post(contract.ROUTE_CHAT, json={})).json()["weight_version"] == 0
             assert (await c.post(contract.ROUTE_START_WEIGHT_UPDATE)).status_code == 200
-            assert engine.calls[-1] == "pause:wait"
+            assert engine.calls[-1] == "pause:keep"
             engine.report.update(buckets=3, bytes=100)
             r = await c.post(contract.ROUTE_FINISH_WEIGHT_UPDATE, json={"weight_version": 7})
             assert r.status_code == 200, r.text
@@ -397,7 +398,7 @@ def test_broken_off_update_resumes_and_marks_changed_weights() -> None:
             # the route raising (not answering) ends the update the same way
             inner.fail_update, inner.raise_update = False, True
             await c.post(contract.ROUTE_START_WEIGHT_UPDATE)
-            assert engine.calls[-1] == "pause:wait"
+            assert engine.calls[-1] == "pause:keep"
             with pytest.raises(RuntimeError, match="differ in length"):
                 await c.post(contract.ROUTE_UPDATE_WEIGHTS, json={"update_info": {}})
             assert engine.calls[-1] == "resume"

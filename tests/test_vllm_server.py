@@ -301,3 +301,73 @@ def test_weight_sync_makes_server_greedy_output_the_trainers(
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(original[n])
+
+
+def _stream_ids(url: str, body: dict[str, Any], started: threading.Event) -> list[int]:
+    """A streamed chat answer's token ids; ``started`` is set once the first ones arrive."""
+    import json
+
+    ids: list[int] = []
+    with httpx.stream("POST", url + contract.ROUTE_CHAT, json={**body, "stream": True}, timeout=300) as r:
+        assert r.status_code == 200, r.read()[:300]
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                ids.extend(choice.get("token_ids") or [])
+            if ids:
+                started.set()
+    return ids
+
+
+def test_a_sync_freezes_running_requests_and_they_finish_on_the_new_weights(
+        server: SupervisedServer, trainer_side: dict[str, Any]) -> None:
+    """``/start_weight_update`` does not wait for running requests: they are frozen, the
+    weights change, and they go on under the new weights (KV recomputed), so a greedy
+    answer is the old model's argmax up to some token and the new model's from there on."""
+    import concurrent.futures as cf
+    import copy
+
+    from backend.sampling import end_of_turn_ids, logit_bias_for
+    from backend.weight_sync import WeightSyncClient
+    from tests.serverproc import encode, forward_logprobs, wire_messages
+
+    model, processor = trainer_side["model"], trainer_side["processor"]
+    ex = _env().eval_examples(1)[0]
+    bias = logit_bias_for([*trainer_side["banned"], *end_of_turn_ids(processor.tokenizer, model.generation_config)])
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        head = new.get_output_embeddings().weight
+        head.copy_(torch.roll(head, 7, dims=0))  # a different argmax nearly everywhere
+    body = {"model": "builtin:tiny-qwen3-vl", "messages": wire_messages(ex.messages), "temperature": 0.0,
+            "max_tokens": 990, "logprobs": True, "return_token_ids": True, "logit_bias": bias}
+    sync = WeightSyncClient(server.url, TOKEN, backend="gloo", timeout_s=120)
+    try:
+        sync.sync([(n, p.detach()) for n, p in model.named_parameters()], version=20)
+        started = threading.Event()
+        with cf.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(_stream_ids, server.url, body, started)
+            while not started.wait(0.01):  # the first tokens are out: the request is being generated
+                if long.done():
+                    pytest.fail(f"the long request ended before it was seen running: {long.result()[:5]}")
+            t0 = time.monotonic()
+            sync.sync([(n, p.detach()) for n, p in new.named_parameters()], version=21)
+            took = time.monotonic() - t0
+            assert not long.done(), f"the sync ({took:.2f}s) should not wait for the running request"
+            ids = long.result()
+        assert len(ids) == 990
+        enc = encode(processor, ex.messages)
+        old_best = forward_logprobs(model, enc, ids, 0.0, bias).argmax(-1).tolist()
+        new_best = forward_logprobs(new, enc, ids, 0.0, bias).argmax(-1).tolist()
+        switch = next((i for i, (t, b) in enumerate(zip(ids, old_best)) if t != b), len(ids))
+        assert 0 < switch < len(ids), f"the answer should change weights mid-way (switch at {switch})"
+        assert ids[switch:] == new_best[switch:], "after the update every token is the new weights' argmax"
+        print(f"vLLM sync under a running request: {took * 1000:.0f} ms; the answer switched weights at token "
+              f"{switch} of {len(ids)}")
+        info = httpx.get(server.url + contract.ROUTE_WEIGHT_INFO, headers=AUTH).json()
+        assert info["weight_version"] == 21
+    finally:
+        try:
+            sync.sync([(n, p.detach()) for n, p in model.named_parameters()], version=22)
+        finally:
+            sync.close()

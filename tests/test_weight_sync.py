@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from backend import contract
-from backend.sampling import banned_token_ids, logit_bias_for
+from backend.sampling import banned_token_ids, end_of_turn_ids, logit_bias_for
 from backend.weight_sync import (
     BucketSpec,
     WeightReceiver,
@@ -556,3 +556,49 @@ def test_a_peer_killed_mid_bucket_gives_the_receiver_an_error_and_close_does_not
         proc.wait()
         pool.shutdown()
         receiver.shutdown()
+
+
+def test_a_sync_during_a_generation_is_received_meanwhile_and_swapped_in_after_it(
+        server: ServerProc, trainer_side: tuple[Any, Any]) -> None:
+    """The server keeps generating while the weights arrive (staged), swaps them in as the
+    running batch ends, and that batch's answer is the old weights' own, all of it."""
+    model, processor = trainer_side
+    # the end-of-turn tokens banned too: every completion is max_tokens long
+    bias = logit_bias_for([*banned_token_ids(processor.tokenizer),
+                           *end_of_turn_ids(processor.tokenizer, model.generation_config)])
+    ex = ColorsEnv().eval_examples(1)[0]
+    old = copy.deepcopy(model)
+    new = copy.deepcopy(model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    body = {"messages": wire_messages(ex.messages), "temperature": 0.0, "max_tokens": 900,
+            "n": 8, "logprobs": True, "return_token_ids": True, "logit_bias": bias}
+    with WeightSyncClient(server.url, TOKEN, backend="gloo", timeout_s=60) as client:
+        client.sync(old.named_parameters(), version=10)
+        with cf.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(httpx.post, server.url + contract.ROUTE_CHAT, json=body, timeout=120)
+            deadline = time.monotonic() + 30
+            while not httpx.get(server.url + contract.ROUTE_HEALTH).json().get("generating"):
+                assert time.monotonic() < deadline and not long.done(), "the long generation never started"
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            stats = client.sync(new.named_parameters(), version=11)
+            took = time.monotonic() - t0
+            info = httpx.get(server.url + contract.ROUTE_WEIGHT_INFO, headers=AUTH).json()
+            assert not long.done(), f"the generation should outlast the sync ({took:.2f}s)"
+            assert info["swap_pending"] is True and info["weight_version"] == 10
+            r = long.result()
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["weight_version"] == 10
+        c = answer["choices"][0]
+        ref = forward_logprobs(old, encode(processor, ex.messages), c["token_ids"], 0.0, bias)
+        assert c["token_ids"] == ref.argmax(-1).tolist(), "the running batch must keep the old weights to its end"
+        info = httpx.get(server.url + contract.ROUTE_WEIGHT_INFO, headers=AUTH).json()
+        assert info["weight_version"] == 11 and info["swap_pending"] is False and stats.version == 11
+        assert len(c["token_ids"]) == 900
+        print(f"hf sync under a running batch: {took * 1000:.0f} ms (staged; swapped in as the batch ended)")
+        assert_server_follows(new, processor, server, [ex], logit_bias_for(banned_token_ids(processor.tokenizer)))
+        client.sync(model.named_parameters(), version=12)  # the module's other tests expect the model's weights

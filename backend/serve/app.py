@@ -222,7 +222,8 @@ def create_app(engine: HFEngine, *, token: str | None, limits: MediaLimits) -> F
             return JSONResponse({"error": {"message": f"weight update failed: {errors[0]}{more}",
                                            "type": "server_error", "code": "load_failed", "errors": errors[:50]}},
                                 status_code=500)
-        return {"ok": True, "weight_version": engine.weight_version}
+        # Staged while a batch ran: the new weights go in as it ends, before any other batch.
+        return {"ok": True, "weight_version": version, "swap_pending": engine.swap_pending}
 
     @app.get(contract.ROUTE_WEIGHT_INFO)
     async def weight_info() -> dict[str, Any]:

@@ -32,10 +32,10 @@ import torch
 from backend.errors import RequestError
 from backend.sampling import end_of_turn_ids
 from backend.serve.protocol import SamplingParams
+from backend.serve.hf_updates import WeightUpdates
 from backend.serve.sampler import _Criteria, _find_stop, _Sampler, placeholder_ids
 from backend.weight_sync.layout import try_flatten
 from backend.weight_sync.receiver import WeightReceiver
-from backend.weight_sync.wire import dtype_name
 
 __all__ = ["Completion", "HFEngine", "Prompt"]
 
@@ -73,7 +73,7 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-class HFEngine:
+class HFEngine(WeightUpdates):
     """A transformers model behind a batching generation thread, with live weight updates."""
 
     def __init__(
@@ -122,6 +122,7 @@ class HFEngine:
         self._gen = torch.Generator(device=self.device)
         self._gen.seed()
         self.weight_version = 0
+        self._swap: int | None = None  # a finished update's version, waiting for the running batch
         self.receiver = WeightReceiver(self.load_weights, backend=weight_backend)
         self.updating = False
         self.dirty_reason: str | None = None
@@ -299,6 +300,7 @@ class HFEngine:
                 finally:
                     with self._cv:
                         self._running = False
+                        self._apply_swap()  # a staged update finished during this batch
                         self._cv.notify_all()
         # drain: nothing will serve these any more
         while True:
@@ -377,40 +379,13 @@ class HFEngine:
 
     # ------------------------------------------------------------------ pause / weights
 
-    @property
-    def paused(self) -> bool:
-        with self._cv:
-            return bool(self._pause_reasons)
-
-    def pause(self, reason: str = "admin", mode: str = "wait") -> None:
-        """Stop starting batches. ``wait``: finish the running one first; ``abort``: end it
-        now (its sequences finish with reason "abort"); ``keep``: return at once."""
-        if mode not in ("wait", "abort", "keep"):
-            raise RequestError(f"pause mode must be wait, abort or keep, got {mode!r}")
-        with self._cv:
-            self._pause_reasons.add(reason)
-            if mode == "keep":
-                return
-            if mode == "abort":
-                self._abort.set()
-            try:
-                while self._running:
-                    self._cv.wait()
-            finally:
-                self._abort.clear()
-
-    def resume(self, reason: str = "admin") -> None:
-        with self._cv:
-            self._pause_reasons.discard(reason)
-            self._cv.notify_all()
-
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, details): healthy = loaded, warmed up, generating, weights consistent."""
         alive = self._thread is not None and self._thread.is_alive()
         info: dict[str, Any] = {
             "model": self.model_name, "engine": "hf", "device": str(self.device),
             "weight_version": self.weight_version, "paused": self.paused, "updating": self.updating,
-            "queued": self._queue.qsize(), "stats": dict(self.stats),
+            "queued": self._queue.qsize(), "generating": self._running, "stats": dict(self.stats),
         }
         problem = None
         if not self.ready:
@@ -423,68 +398,3 @@ class HFEngine:
         if problem:
             info["reason"] = problem
         return problem is None, info
-
-    def check_weight(self, name: str, shape: list[int]) -> str | None:
-        """Why ``name`` with ``shape`` cannot be loaded, or None."""
-        p = self._params.get(name)
-        if p is None:
-            return f"unknown parameter {name!r}"
-        if list(p.shape) != list(shape):
-            return f"parameter {name!r} has shape {list(p.shape)}, update has {list(shape)}"
-        return None
-
-    def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """Copy tensors into the model (called on the loader thread while paused)."""
-        with torch.no_grad():
-            for name, t in named:
-                self._params[name].copy_(t)
-
-    def weight_info(self) -> dict[str, Any]:
-        seen: set[int] = set()
-        params = []
-        for name, p in self.model.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            params.append({"name": name, "dtype": dtype_name(p.dtype), "shape": list(p.shape)})
-        return {"weight_version": self.weight_version, "parameters": params, "updating": self.updating,
-                "ordered_updates": True, "init_probe": True, "flat_parameters": self.layout is not None,
-                "group": {"joined": self.receiver.ready, "rank": self.receiver.rank,
-                          "world_size": self.receiver.world_size, "backend": self.receiver.backend,
-                          "buckets_posted": self.receiver.posted}}
-
-    def begin_update(self) -> None:
-        """``/start_weight_update``: finish the running batch, then hold new ones."""
-        if not self.receiver.ready:
-            raise RequestError("no weight-transfer group: call /init_weight_transfer_engine first",
-                               status=409, code="no_group")
-        self.pause("update", mode="wait")
-        self.receiver.start()
-        self.updating = True
-
-    def end_update(self, version: int) -> list[str]:
-        """``/finish_weight_update``: wait for loads; on success bump the version and resume."""
-        errors = self.receiver.finish()
-        self.updating = False
-        if errors:
-            if self.receiver.loaded_any:
-                self.dirty_reason = f"the last update failed ({errors[0]})"
-            else:
-                self.resume("update")
-            return errors
-        self.weight_version = int(version)
-        self.dirty_reason = None
-        self.resume("update")
-        r = self.receiver
-        log.info("weights updated to version %d (%d buckets, %.1f MB, %d received in place)", version, r.buckets,
-                 r.bytes / 1e6, r.in_place)
-        return []
-
-    def abort_update(self, why: str) -> None:
-        """A broken transfer: stay paused if some weights already changed, else resume."""
-        self.receiver.wait_loaded()
-        self.updating = False
-        if self.receiver.loaded_any:
-            self.dirty_reason = why
-        else:
-            self.resume("update")

@@ -11,9 +11,13 @@ them, so this ASGI middleware adds it, calling vLLM's own engine client
     A new trainer connection first closes an update a vanished trainer left open (worker
     extension ``vlmrl_abort_weight_update``) and resumes generation.
 ``POST /start_weight_update``
-    Pause generation, letting running requests finish (``pause_generation(mode="wait")``),
-    then start the update. Chat requests that arrive from then on wait here until
-    generation resumes, and then run on the new weights (as the hf engine queues them).
+    Pause generation where it stands (``pause_generation(mode="keep")``: running requests
+    are frozen between two engine steps, not waited for), then start the update. At the
+    finish, the frozen requests are preempted with the prefix cache reset, so they go on
+    with their KV recomputed under the new weights: each token's logprob is that of the
+    weights that sampled it (what the trainer's per-token importance ratio needs), and
+    the answer carries the version the request started on. Chat requests that arrive
+    from then on wait here until generation resumes, and then run on the new weights.
     vLLM 0.32 queued them itself; vLLM 0.33 answers them 503 ``engine_paused`` while
     paused, which would fail rollouts that overlap a weight sync (``async_level = 1``).
 ``POST /update_weights``
@@ -33,8 +37,8 @@ them, so this ASGI middleware adds it, calling vLLM's own engine client
     plus ``updating``, ``dirty`` and ``group``.
 ``POST /v1/chat/completions``
     Held while an update is in progress (see ``/start_weight_update``). Non-streaming JSON
-    answers carry ``weight_version`` (the version that generated them: updates pause
-    generation until running requests are done), as the hf engine's do.
+    answers carry ``weight_version`` (the version the request started on; a request frozen
+    by an update finishes on the new weights), as the hf engine's do.
 
 Imports only the standard library and :mod:`backend.contract`.
 """
@@ -53,6 +57,8 @@ log = logging.getLogger("vllm.vlmrl.lifecycle")  # vLLM's handler and format app
 
 RPC_REPORT = "vlmrl_weight_sync_report"
 RPC_ABORT = "vlmrl_abort_weight_update"
+#: running requests are frozen during an update, not waited for (see /start_weight_update)
+PAUSE_MODE = "keep"
 
 
 class _Captured:
@@ -194,7 +200,15 @@ class WeightSyncLifecycleMiddleware:
             self._generating.set()  # held chat requests go on (to vLLM's error if resume failed)
 
     async def _reset_caches(self, engine: Any) -> None:
-        ok = await engine.reset_prefix_cache()
+        """Drop every KV block computed with the old weights, also those of requests frozen
+        by the pause (preempted: they are recomputed on resume)."""
+        try:
+            ok = await engine.reset_prefix_cache(reset_running_requests=True)
+        except TypeError:  # a vLLM without the argument
+            ok = await engine.reset_prefix_cache()
+        except Exception as e:  # noqa: BLE001 - vLLM raises when blocks stay held
+            log.warning("resetting the prefix cache failed: %s", e)
+            ok = None
         if ok is False:
             log.warning("resetting the prefix cache failed (blocks still held)")
         await engine.reset_encoder_cache()
@@ -222,7 +236,7 @@ class WeightSyncLifecycleMiddleware:
             if not self.paused:
                 self._generating.clear()  # before the pause: vLLM 0.33 refuses requests from its start
                 try:
-                    await engine.pause_generation(mode="wait", clear_cache=False)
+                    await engine.pause_generation(mode=PAUSE_MODE, clear_cache=False)
                 except BaseException:
                     self._generating.set()
                     raise

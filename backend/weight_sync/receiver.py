@@ -35,6 +35,11 @@ class WeightReceiver:
     thread, in order, while the next bucket is received. Errors (an unknown name, a
     shape mismatch, a failing load) are collected and reported by :meth:`finish`; the
     receiver keeps taking part in every broadcast so the trainer never hangs.
+
+    A *staged* update (``start(staged=True)``) changes nothing in the model: its buckets
+    stay in their buffers until :meth:`apply_staged`, so the engine can go on generating
+    with the old weights during the whole transfer and swap them in between two batches
+    (at the cost of one more copy of the weights in memory while it lasts).
     """
 
     def __init__(self, load: Callable[[list[tuple[str, torch.Tensor]]], None], *, backend: str = "gloo") -> None:
@@ -59,6 +64,8 @@ class WeightReceiver:
         self.bytes = 0
         self.in_place = 0
         self.loaded_any = False
+        self.staged = False
+        self._staging: list[tuple[torch.Tensor, BucketSpec, set[str], torch.Tensor]] = []
         self.peer = "the trainer"  # named in errors, once a group is joined
 
     @property
@@ -104,9 +111,12 @@ class WeightReceiver:
                      addr, port, offset, world, backend, time.monotonic() - t0)
             return {"rank": offset, "world_size": world, "backend": backend, "probe": int(probe.item())}
 
-    def start(self) -> None:
-        """Begin an update: forget the previous one's counters and errors."""
+    def start(self, staged: bool = False) -> None:
+        """Begin an update: forget the previous one's counters and errors. ``staged``: keep
+        the buckets until :meth:`apply_staged` instead of loading them as they come."""
         self.wait_loaded()
+        self.discard_staged()
+        self.staged = staged
         with self._turn:
             self._next_index = 0
             self._failed = None
@@ -183,11 +193,12 @@ class WeightReceiver:
     def _post_receive(self, pg: dist.ProcessGroup, pool: BufferPool, spec: BucketSpec,
                       layout: FlatLayout | None) -> tuple[Any, torch.Tensor | None, torch.Tensor, BufferPool]:
         """Start receiving ``spec``'s bucket: in place when ``layout`` maps it, else into a buffer."""
-        region = layout.region(spec) if layout is not None else None
+        region = layout.region(spec) if layout is not None and not self.staged else None
         if region is not None and region.device == group_device(self.backend):
             self.loaded_any = True  # the model changes as the bytes arrive
             return broadcast(pg, region), None, region, pool
-        self._inflight.acquire()
+        if not self.staged:  # staged buffers are all held until the swap
+            self._inflight.acquire()
         buf = pool.get(spec.nbytes)
         view = buf[: spec.nbytes]
         try:
@@ -208,8 +219,7 @@ class WeightReceiver:
             self._fail(f"receiving a bucket failed: {e}")
             self.close()  # abort first: the buffer below may still be a kernel's target until then
             if buf is not None:
-                self._inflight.release()
-                pool.put(buf)
+                self._release(buf, pool)
             raise
         with self._stats_lock:
             self.buckets += 1
@@ -229,13 +239,20 @@ class WeightReceiver:
         with self._stats_lock:
             self._errors.extend(problems)
         if len(skip) == len(spec.names):
-            self._inflight.release()
-            pool.put(buf)
+            self._release(buf, pool)
+        elif self.staged:
+            with self._stats_lock:
+                self._staging.append((view, spec, skip, buf))
         else:
             self.loaded_any = True
             with self._stats_lock:
                 self._pending.append(self._loader.submit(self._load, view, spec, skip, buf, pool))
         return {"received": spec.nbytes, "tensors": len(spec.names), "errors": problems, "in_place": False}
+
+    def _release(self, buf: torch.Tensor, pool: BufferPool) -> None:
+        if not self.staged:
+            self._inflight.release()
+        pool.put(buf)
 
     def _load(self, view: torch.Tensor, spec: BucketSpec, skip: set[str], buf: torch.Tensor, pool: BufferPool) -> None:
         try:
@@ -243,8 +260,39 @@ class WeightReceiver:
         except Exception as e:  # noqa: BLE001 - reported by finish()
             self._errors.append(f"loading {len(spec.names)} tensors ({spec.names[0]}, ...) failed: {e}")
         finally:
-            pool.put(buf)
-            self._inflight.release()
+            self._release(buf, pool)
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes received and held for :meth:`apply_staged`."""
+        with self._stats_lock:
+            return sum(spec.nbytes for _, spec, _, _ in self._staging)
+
+    def apply_staged(self) -> list[str]:
+        """Load every held bucket into the model, in order (the caller makes sure nothing
+        runs the model meanwhile); return the load errors."""
+        with self._stats_lock:
+            staging, self._staging = self._staging, []
+        errors: list[str] = []
+        pool = self._pool
+        for view, spec, skip, buf in staging:
+            try:
+                if not errors:  # after a failure the model is inconsistent anyway: stop copying
+                    self.loaded_any = True
+                    self.load([(n, t) for n, t in unpack_bucket(view, spec) if n not in skip])
+            except Exception as e:  # noqa: BLE001 - reported to the engine
+                errors.append(f"loading {len(spec.names)} tensors ({spec.names[0]}, ...) failed: {e}")
+            if pool is not None:
+                pool.put(buf)
+        return errors
+
+    def discard_staged(self) -> None:
+        """Drop held buckets (an update that failed or was replaced): the model keeps its weights."""
+        with self._stats_lock:
+            staging, self._staging = self._staging, []
+        if self._pool is not None:
+            for _, _, _, buf in staging:
+                self._pool.put(buf)
 
     def wait_loaded(self) -> None:
         """Block until every queued bucket is loaded."""
