@@ -20,7 +20,7 @@ then temperature; backend/logprobs.py), so the ratio compares like with like.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import threading
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ from backend.rollout_types import DropWatch, Rollout, RolloutSource
 from backend.rollout_writer import RolloutWriter
 from backend.rundir import JsonlWriter, RunDirectory, checkpoint_complete
 from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
+from backend.threads import in_thread
 from backend.tokencheck import check_rollout_tokens
 from environments.base import Environment, MultiTurnEnvironment
 
@@ -302,8 +303,18 @@ class MultimodalGRPOTrainer:
         self.log(f"trainer: server holds the weights of step {self.step} again ({time.perf_counter() - t0:.1f}s)")
 
     def _prefetch(self, step: int) -> _Prefetch:
-        """Ask for the rollouts of ``step`` on a helper thread."""
-        return _Prefetch(step, _in_thread(self._collect, step), self.server_version, self.rejoins)
+        """Ask for the rollouts of ``step`` on a helper thread, which then encodes their prompts
+        (the processor's work, done while the current step trains)."""
+        return _Prefetch(step, in_thread(self._collect_encoded, step, name="rollouts"), self.server_version,
+                         self.rejoins)
+
+    def _collect_encoded(self, step: int) -> list[Rollout]:
+        rollouts = self._collect(step)
+        prepare = getattr(self.adapter, "prepare", None)
+        if prepare is not None:
+            with contextlib.suppress(Exception):  # the training thread encodes again and reports it
+                prepare(rollouts)
+        return rollouts
 
     def _rollouts_of(self, pending: _Prefetch) -> list[Rollout]:
         """The rollouts ``pending`` brings, or fresh ones if the server lost our weights
@@ -470,22 +481,6 @@ class MultimodalGRPOTrainer:
         """Restore weights, optimizer, scheduler, RNG and step from ``path``; returns the step."""
         self.step = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         return self.step
-
-
-def _in_thread(fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
-    """Run ``fn(*args)`` on a daemon thread: a request still in flight never blocks exit."""
-    fut: cf.Future[Any] = cf.Future()
-
-    def run() -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiter
-            fut.set_exception(e)
-
-    threading.Thread(target=run, name="rollouts", daemon=True).start()
-    return fut
 
 
 __all__ = [

@@ -307,3 +307,36 @@ def test_a_groups_prompt_is_encoded_once_even_with_a_fresh_images_list_per_rollo
     rollouts[0].images = [im.copy() for im in rollouts[0].images]
     adapter.build_batch(rollouts[:1])
     assert len(calls) == len(_prompts()) + (1 if rollouts[0].images else 0)
+
+
+def test_prompts_encoded_ahead_for_the_next_step_leave_this_steps_encodings_alone(
+    family_model: tuple[str, Any, Any]
+) -> None:
+    """The trainer's prefetch thread encodes step k+1 (prepare) while step k trains from its own
+    encodings: neither step encodes twice, and the two latest steps are kept."""
+    import dataclasses
+
+    _, model, processor = family_model
+    adapter = adapter_for(model.config, processor=processor)
+    now = _rollouts(model, processor, n=2)
+    ahead = [dataclasses.replace(r, step=r.step + 1) for r in now]
+    calls: list[int] = []
+    orig = adapter.encode_prompt
+
+    def counting(messages: list[dict[str, Any]], images: list[Any]) -> Any:
+        calls.append(1)
+        return orig(messages, images)
+
+    adapter.encode_prompt = counting  # type: ignore[method-assign]
+    adapter.validate(now)
+    assert len(calls) == len(_prompts())
+    adapter.prepare(ahead)  # another step: its own encodings
+    assert len(calls) == 2 * len(_prompts())
+    adapter.build_batch(now)  # this step's are still there
+    adapter.validate(ahead)
+    adapter.build_batch(ahead)
+    assert len(calls) == 2 * len(_prompts())
+    later = [dataclasses.replace(r, step=r.step + 2) for r in now]
+    adapter.prepare(later)  # two steps are kept: the oldest goes
+    adapter.build_batch(now)
+    assert len(calls) == 4 * len(_prompts())

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Sequence
@@ -172,8 +173,10 @@ class ProcessorAdapter(MultimodalAdapter):
         if pad is None:
             pad = getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id: int = int(pad) if pad is not None else 0
-        self._cache: dict[tuple[Any, ...], tuple[Any, PromptEncoding | str]] = {}
-        self._cache_step: int | None = None
+        # Prompt encodings per step, the last two kept: the trainer's prefetch thread encodes
+        # step k+1 (prepare) while step k is being trained from its own.
+        self._caches: dict[int | None, dict[tuple[Any, ...], tuple[Any, PromptEncoding | str]]] = {}
+        self._encode_lock = threading.Lock()  # one processor, used from the trainer and its prefetch thread
 
     # --- family hooks -------------------------------------------------------------------------
 
@@ -306,21 +309,41 @@ class ProcessorAdapter(MultimodalAdapter):
             {k: torch.cat(v, dim=0) for k, v in image_parts.items()}, num_images=n_images, spans=spans)
         return r, enc
 
+    def _step_cache(self, rollouts: Sequence[Rollout]) -> dict[tuple[Any, ...], tuple[Any, PromptEncoding | str]]:
+        """The encodings of the rollouts' step (a fresh dict when they mix steps)."""
+        steps = {r.step for r in rollouts}
+        if len(steps) != 1:
+            return {}
+        step = next(iter(steps))
+        cache = self._caches.pop(step, None)
+        self._caches[step] = cache = {} if cache is None else cache  # the most recently used last
+        while len(self._caches) > 2:
+            del self._caches[next(iter(self._caches))]
+        return cache
+
+    def prepare(self, rollouts: Sequence[Rollout]) -> None:
+        """Encode the rollouts' prompts ahead (a step's rollouts as they arrive, off the
+        training thread), so that :meth:`validate` and :meth:`build_batch` find them done."""
+        self._encode_all(rollouts, quiet=True)
+
     def _encode_all(
-        self, rollouts: Sequence[Rollout]
+        self, rollouts: Sequence[Rollout], quiet: bool = False
+    ) -> tuple[list[tuple[Rollout, PromptEncoding]], list[DroppedRollout]]:
+        with self._encode_lock:
+            return self._encode_locked(rollouts, quiet)
+
+    def _encode_locked(
+        self, rollouts: Sequence[Rollout], quiet: bool
     ) -> tuple[list[tuple[Rollout, PromptEncoding]], list[DroppedRollout]]:
         kept: list[tuple[Rollout, PromptEncoding]] = []
         dropped: list[DroppedRollout] = []
         # Rollouts of a group share a prompt: encode it once per step, across calls.
-        cache = self._cache
-        steps = {r.step for r in rollouts}
-        if steps != {self._cache_step}:
-            cache.clear()
-            self._cache_step = next(iter(steps)) if len(steps) == 1 else None
+        cache = self._step_cache(rollouts)
 
         def drop(r: Rollout, reason: str) -> None:
             dropped.append(DroppedRollout(r.example_id, r.index, reason))
-            log.warning("dropped rollout %s (#%d): %s", r.example_id, r.index, reason)
+            if not quiet:
+                log.warning("dropped rollout %s (#%d): %s", r.example_id, r.index, reason)
 
         for r in rollouts:
             if not r.completion_ids:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from backend import contract
 from backend.errors import WeightSyncError
 from backend.net import error_message
+from backend.threads import in_thread
 from backend.weight_sync.groups import (
     DEFAULT_TIMEOUT_S,
     STORE_PREFIX,
@@ -211,10 +212,10 @@ class WeightSyncClient:
             "world_size": self.world_size, "backend": self.backend, "timeout_s": self.timeout_s,
             "group_name": group_name, "probe": probe,
         }
-        http = _spawn(self._post, contract.ROUTE_INIT_WEIGHT_TRANSFER, {"init_info": init_info})
+        http = in_thread(self._post, contract.ROUTE_INIT_WEIGHT_TRANSFER, {"init_info": init_info})
         store = self.store
         device = group_device(self.backend)  # this thread's CUDA device, not the helper's
-        group = _spawn(open_group, self.backend, store, 0, self.world_size, self.timeout_s,
+        group = in_thread(open_group, self.backend, store, 0, self.world_size, self.timeout_s,
                        master_address=self.host, prefix=group_name, device=device)
         try:
             self._wait("joining the weight-sync group", group, http)
@@ -300,7 +301,7 @@ class WeightSyncClient:
             info = specs[i].update_info()
             if self.pipelined:
                 info["bucket_index"] = i
-            return _spawn(self._post, contract.ROUTE_UPDATE_WEIGHTS, {"update_info": info})
+            return in_thread(self._post, contract.ROUTE_UPDATE_WEIGHTS, {"update_info": info})
 
         acks: list[cf.Future[Any]] = []
         # Pipelined (hf engine): up to two buckets on the wire, the next one announced ahead.
@@ -383,19 +384,3 @@ def _settle(fut: cf.Future[Any] | None) -> None:
     in a collective the caller has to count (a sharded trainer keeps its ranks in step)."""
     if fut is not None:
         cf.wait([fut])
-
-
-def _spawn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> cf.Future[Any]:
-    """Run ``fn`` on a daemon thread (a stuck collective must not block interpreter exit)."""
-    fut: cf.Future[Any] = cf.Future()
-
-    def run() -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        try:
-            fut.set_result(fn(*args, **kwargs))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiter
-            fut.set_exception(e)
-
-    threading.Thread(target=run, name=f"weight-sync-{getattr(fn, '__name__', 'task')}", daemon=True).start()
-    return fut
