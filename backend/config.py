@@ -122,6 +122,10 @@ class InferenceConfig(RestartSettings):
     )
     port: int = Field(8000, ge=1, le=65535)
     python: str | None = Field(None, description="python of the venv that has vLLM (engine='vllm')")
+    update_pause: Literal["wait", "keep"] = Field(
+        "wait", description="vllm engine, a weight update meeting running requests: 'wait' lets them finish "
+                            "first; 'keep' freezes them and they finish on the new weights (KV recomputed). "
+                            "The hf engine always receives while it generates and swaps between batches")
     startup_timeout_s: float = Field(600.0, gt=0)
     # a restarted server gets the trainer's current weights pushed again: restart it by default
     restart: RestartPolicy = "on-failure"

@@ -45,4 +45,5 @@ ENV_RUN_TOKEN = "VLMRL_RUN_TOKEN"
 ENV_RUN_DIR = "VLMRL_RUN_DIR"
 ENV_SERVER_URL = "VLMRL_SERVER_URL"
 ENV_SYNC_HOST = "VLMRL_SYNC_HOST"  # the address the server reaches the trainer's weight-sync store at
+ENV_UPDATE_PAUSE = "VLMRL_UPDATE_PAUSE"  # vllm engine: how running requests meet a weight update (wait / keep)
 ENV_MODEL_CACHE = "VLMRL_CACHE_DIR"  # where builtin:tiny-* models are built

@@ -288,7 +288,7 @@ def test_update_pauses_resets_caches_sets_int_version() -> None:
             assert info["init_probe"] is True and info["ordered_updates"] is False
             assert (await c.post(contract.ROUTE_CHAT, json={})).json()["weight_version"] == 0
             assert (await c.post(contract.ROUTE_START_WEIGHT_UPDATE)).status_code == 200
-            assert engine.calls[-1] == "pause:keep"
+            assert engine.calls[-1] == "pause:wait"
             engine.report.update(buckets=3, bytes=100)
             r = await c.post(contract.ROUTE_FINISH_WEIGHT_UPDATE, json={"weight_version": 7})
             assert r.status_code == 200, r.text
@@ -398,7 +398,7 @@ def test_broken_off_update_resumes_and_marks_changed_weights() -> None:
             # the route raising (not answering) ends the update the same way
             inner.fail_update, inner.raise_update = False, True
             await c.post(contract.ROUTE_START_WEIGHT_UPDATE)
-            assert engine.calls[-1] == "pause:keep"
+            assert engine.calls[-1] == "pause:wait"
             with pytest.raises(RuntimeError, match="differ in length"):
                 await c.post(contract.ROUTE_UPDATE_WEIGHTS, json={"update_info": {}})
             assert engine.calls[-1] == "resume"
@@ -458,3 +458,22 @@ def test_chat_during_update_waits_for_new_weights() -> None:
             assert r.status_code == 200 and r.json()["weight_version"] == 5
 
     asyncio.run(go())
+
+
+def test_update_pause_keep_freezes_and_a_bad_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(contract.ENV_UPDATE_PAUSE, "keep")
+
+    async def go() -> None:
+        engine, _, app = _lifecycle()
+        async with _client(app) as c:
+            assert (await c.post(contract.ROUTE_START_WEIGHT_UPDATE)).status_code == 200
+            assert engine.calls[-1] == "pause:keep"
+            r = await c.post(contract.ROUTE_FINISH_WEIGHT_UPDATE, json={"weight_version": 1})
+            assert r.status_code == 200, r.text
+            # the frozen requests' KV blocks go too: only a reset that preempts them frees them
+            assert engine.calls[-3:] == ["reset_prefix", "reset_encoder", "resume"]
+
+    asyncio.run(go())
+    monkeypatch.setenv(contract.ENV_UPDATE_PAUSE, "abort")
+    with pytest.raises(ValueError, match="VLMRL_UPDATE_PAUSE='abort': expected one of wait, keep"):
+        WeightSyncLifecycleMiddleware(FakeVllm(FakeEngine()))

@@ -107,7 +107,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     from backend.net import free_port
 
     tmp = tmp_path_factory.mktemp("vllm-server")
-    cfg = validate_config(vllm_config(free_port(), tmp))
+    data = vllm_config(free_port(), tmp)
+    data["inference"]["update_pause"] = "keep"  # the real runs (test_vllm_run.py) use the default, wait
+    cfg = validate_config(data)
     srv = SupervisedServer(cfg, tmp)
     try:
         took = srv.wait_healthy()
@@ -322,9 +324,10 @@ def _stream_ids(url: str, body: dict[str, Any], started: threading.Event) -> lis
 
 def test_a_sync_freezes_running_requests_and_they_finish_on_the_new_weights(
         server: SupervisedServer, trainer_side: dict[str, Any]) -> None:
-    """``/start_weight_update`` does not wait for running requests: they are frozen, the
-    weights change, and they go on under the new weights (KV recomputed), so a greedy
-    answer is the old model's argmax up to some token and the new model's from there on."""
+    """With ``update_pause = "keep"`` (this module's config), ``/start_weight_update`` does not
+    wait for running requests: they are frozen, the weights change, and they go on under the
+    new weights (KV recomputed), so a greedy answer is the old model's argmax up to some
+    token and the new model's from there on."""
     import concurrent.futures as cf
     import copy
 

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from backend import contract
 from backend.config import VlmrlConfig
 from backend.errors import ConfigError
 
@@ -182,6 +183,7 @@ def vllm_server_env(cfg: VlmrlConfig) -> dict[str, str]:
         "VLLM_SERVER_DEV_MODE": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "TOKENIZERS_PARALLELISM": "false",
+        contract.ENV_UPDATE_PAUSE: cfg.inference.update_pause,
     }
     model = model_location(cfg)
     if Path(model).is_dir() or cfg.model.startswith("builtin:"):

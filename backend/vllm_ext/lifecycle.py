@@ -11,13 +11,17 @@ them, so this ASGI middleware adds it, calling vLLM's own engine client
     A new trainer connection first closes an update a vanished trainer left open (worker
     extension ``vlmrl_abort_weight_update``) and resumes generation.
 ``POST /start_weight_update``
-    Pause generation where it stands (``pause_generation(mode="keep")``: running requests
-    are frozen between two engine steps, not waited for), then start the update. At the
-    finish, the frozen requests are preempted with the prefix cache reset, so they go on
-    with their KV recomputed under the new weights: each token's logprob is that of the
-    weights that sampled it (what the trainer's per-token importance ratio needs), and
-    the answer carries the version the request started on. Chat requests that arrive
-    from then on wait here until generation resumes, and then run on the new weights.
+    Pause generation (``pause_generation``), then start the update. ``[inference]
+    update_pause`` (environment ``VLMRL_UPDATE_PAUSE``) says how: ``wait`` (default) lets
+    running requests finish first; ``keep`` freezes them between two engine steps, and at
+    the finish they are preempted with the prefix cache reset, so they go on with their
+    KV recomputed under the new weights: each token's logprob is that of the weights that
+    sampled it (what the trainer's per-token importance ratio needs), and the answer
+    carries the version the request started on. Why ``wait`` is the default: vLLM's worker
+    runs the model and the weight receive on one thread, so a frozen generation waits out
+    the transfer anyway and then pays the recompute; ``keep`` gives fresher tokens, not
+    speed. Chat requests that arrive from then on wait here until generation resumes, and
+    then run on the new weights.
     vLLM 0.32 queued them itself; vLLM 0.33 answers them 503 ``engine_paused`` while
     paused, which would fail rollouts that overlap a weight sync (``async_level = 1``).
 ``POST /update_weights``
@@ -48,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from typing import Any
 
 from backend import contract
@@ -57,8 +62,7 @@ log = logging.getLogger("vllm.vlmrl.lifecycle")  # vLLM's handler and format app
 
 RPC_REPORT = "vlmrl_weight_sync_report"
 RPC_ABORT = "vlmrl_abort_weight_update"
-#: running requests are frozen during an update, not waited for (see /start_weight_update)
-PAUSE_MODE = "keep"
+PAUSE_MODES = ("wait", "keep")  # see /start_weight_update
 
 
 class _Captured:
@@ -143,6 +147,10 @@ class WeightSyncLifecycleMiddleware:
         # Chat requests wait on it (vLLM >= 0.33 would refuse them while paused).
         self._generating = asyncio.Event()
         self._generating.set()
+        mode = os.environ.get(contract.ENV_UPDATE_PAUSE) or "wait"
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"{contract.ENV_UPDATE_PAUSE}={mode!r}: expected one of {', '.join(PAUSE_MODES)}")
+        self.pause_mode = mode
 
     # ------------------------------------------------------------------ dispatch
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -236,7 +244,7 @@ class WeightSyncLifecycleMiddleware:
             if not self.paused:
                 self._generating.clear()  # before the pause: vLLM 0.33 refuses requests from its start
                 try:
-                    await engine.pause_generation(mode=PAUSE_MODE, clear_cache=False)
+                    await engine.pause_generation(mode=self.pause_mode, clear_cache=False)
                 except BaseException:
                     self._generating.set()
                     raise
