@@ -57,8 +57,10 @@ def one_round(config: Path, seed: int, a: argparse.Namespace, workdir: Path) -> 
     metrics = [json.loads(line) for line in (run_dir / rec.METRICS_FILE).read_text().splitlines() if line.strip()]
     hit = first_reaching(metrics, a.target, a.window)
     step_s = statistics.median(float(m[rec.STEP_S]) for m in metrics[3:])
-    out: dict[str, Any] = {"seed": seed, "steps_run": len(metrics), "s_per_step": step_s,
-                           "server_healthy_after_s": healthy - t0, "reached": hit is not None}
+    phases = {k: statistics.median(float(m.get(k) or 0.0) for m in metrics[3:]) for k in (*rec.PHASES, *rec.TRAIN_PHASES)}
+    out: dict[str, Any] = {"seed": seed, "steps_run": len(metrics), "s_per_step": step_s, "phases": phases,
+                           "server_healthy_after_s": healthy - t0, "reached": hit is not None,
+                           "first_step_s": float(metrics[0][rec.TIME]) - healthy}
     if hit is not None:
         out.update(step=int(hit[rec.STEP]), seconds=float(hit[rec.TIME]) - healthy)
     return out
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             where = (f"step {r['step']} after {r['seconds']:.1f} s" if r["reached"]
                      else f"not reached in {r['steps_run']} steps")
-            print(f"seed {seed}: {where} of a healthy server; {r['s_per_step']:.3f} s/step; "
+            print(f"seed {seed}: {where} of a healthy server (first step done after {r['first_step_s']:.1f} s); "
+                  f"{r['s_per_step']:.3f} s/step ({', '.join(f'{k} {v:.3f}' for k, v in r['phases'].items())}); "
                   f"server healthy {r['server_healthy_after_s']:.1f} s after launch", flush=True)
     reached = [r["seconds"] for r in results if r["reached"]]
     if reached:

@@ -362,3 +362,40 @@ def test_a_failing_batch_answers_500_and_the_engine_keeps_serving(tiny_model_dir
             assert engine.stats["errors"] == 1
     finally:
         engine.stop()
+
+
+def test_a_request_still_being_prepared_joins_the_batch_being_gathered(tiny_model_dir: Path) -> None:
+    """A step's requests arrive together but are prepared one at a time: one whose processor
+    work outlasts ``batch_wait_ms`` still joins the batch instead of costing a second generate."""
+    import threading
+    import time
+
+    from backend.models import load_model_and_processor
+    from backend.serve.hf_engine import HFEngine
+    from backend.serve.protocol import SamplingParams
+
+    model, processor = load_model_and_processor(str(tiny_model_dir))
+    engine = HFEngine(model, processor, model_name="m", max_model_len=512, batch_wait_ms=5)
+    engine.start()
+    try:
+        params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=2, seed=None, stop=[], logit_bias={})
+        prompt = engine.prepare([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [])
+        slow: dict[str, Any] = {}
+        preparing = threading.Event()
+
+        def late() -> None:
+            with engine.incoming():  # received; its preparation takes 30 ms, six times batch_wait_ms
+                preparing.set()
+                time.sleep(0.03)
+                slow["fut"] = engine.submit(prompt, params)
+
+        t = threading.Thread(target=late)
+        t.start()
+        preparing.wait(5)
+        first = engine.submit(prompt, params)
+        t.join(5)
+        first.result(60)
+        slow["fut"].result(60)
+        assert engine.stats["batches"] == 1 and engine.stats["max_requests_per_batch"] == 2, engine.stats
+    finally:
+        engine.stop()

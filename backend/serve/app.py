@@ -127,7 +127,8 @@ def create_app(engine: HFEngine, *, token: str | None, limits: MediaLimits) -> F
             fut = engine.submit(prompt, req.params)
             return req, (prompt, fut)
 
-        req, (prompt, fut) = await run_in_threadpool(prepare)
+        with engine.incoming():  # from here until submitted, the batch being gathered waits for it
+            req, (prompt, fut) = await run_in_threadpool(prepare)
         try:
             comps, version = await asyncio.wrap_future(fut)
         except Exception as e:  # noqa: BLE001 - the engine failed this batch; it keeps serving

@@ -20,12 +20,13 @@ stop string.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -40,6 +41,9 @@ from backend.weight_sync.receiver import WeightReceiver
 __all__ = ["Completion", "HFEngine", "Prompt"]
 
 log = logging.getLogger("vlmrl.serve")
+
+#: how much longer than ``batch_wait_ms`` a batch waits for requests still being prepared
+GATHER_MORE_S = 0.05
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -116,6 +120,7 @@ class HFEngine(WeightUpdates):
         self._cv = threading.Condition()
         self._pause_reasons: set[str] = set()
         self._running = False
+        self._incoming = 0  # requests received, not yet submitted
         self._abort = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -223,6 +228,17 @@ class HFEngine(WeightUpdates):
         self._queue.put(_Job(prompt, params, fut, max_tokens))
         return fut
 
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Around a request from its arrival until :meth:`submit`: the batch being gathered waits for it."""
+        with self._cv:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._incoming -= 1
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -238,11 +254,20 @@ class HFEngine(WeightUpdates):
         jobs = [job]
         rows = job.params.n
         deadline = time.monotonic() + self.batch_wait_s
+        # Requests already received but still being prepared (processor work, one at a time)
+        # join this batch, up to GATHER_MORE_S longer: a step's requests arrive together, and
+        # a split costs a whole second generate call.
+        latest = deadline + GATHER_MORE_S
         while rows < self.max_batch_size:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
+            if left <= 0 and self._incoming > 0 and now < latest:
+                left = min(latest - now, 0.002)
             try:
                 nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
+                if self._incoming > 0 and time.monotonic() < latest:
+                    continue
                 break
             if nxt is None:
                 self._queue.put(None)
