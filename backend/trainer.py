@@ -11,7 +11,8 @@ One step::
     metrics.jsonl / rollouts.jsonl (backend/rollout_writer.py) / checkpoints (backend/checkpoint.py)
 
 With a server and ``async_level = 1`` the rollouts of step k+1 are generated (by the
-server, on its own core) while step k trains, so they come from the weights of step k-1;
+server, on its own core) while step k trains (and, on one rank, step k's weights are pushed
+while the trainer waits for them), so they come from the weights of step k-1;
 the importance ratio pi_theta / pi_behaviour and its clipping/masking correct for that.
 The trainer's logprobs use the server's sampling transform (logit bias on banned tokens,
 then temperature; backend/logprobs.py), so the ratio compares like with like.
@@ -24,7 +25,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -45,22 +46,9 @@ from backend.rollout_writer import RolloutWriter
 from backend.rundir import JsonlWriter, RunDirectory, checkpoint_complete
 from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
 from backend.threads import in_thread
+from backend.trainpush import WeightSink, gather_buckets, push, rejoin
 from backend.tokencheck import check_rollout_tokens
 from environments.base import Environment, MultiTurnEnvironment
-
-
-class WeightSink(Protocol):
-    """Where weights go after an update: ``backend.weight_sync.WeightSyncClient``."""
-
-    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-             dtype: torch.dtype | None = None, materialize: Callable[..., Any] | None = None) -> Any:
-        """Push the weights as ``version`` (floating tensors cast to ``dtype`` when given, bucket
-        by bucket, each bucket's items through ``materialize`` first); raise :class:`VlmrlError`
-        when it fails."""
-
-    def reconnect(self, timeout_s: float | None = None) -> Any:
-        """Join the server again after it restarted or the sync broke (it then holds its
-        start weights; the trainer pushes its own next)."""
 
 
 @dataclass
@@ -228,7 +216,7 @@ class MultimodalGRPOTrainer:
                 self.train_step(cmd.payload)
             elif cmd.kind == D.CMD_PUSH:
                 bucket_bytes, dtype = cmd.payload
-                self._gather_buckets(bucket_bytes, dtype, 0)
+                gather_buckets(self, bucket_bytes, dtype, 0)
             elif cmd.kind == D.CMD_SAVE:
                 self.save_checkpoint()
             elif cmd.kind == D.CMD_STOP:
@@ -241,66 +229,27 @@ class MultimodalGRPOTrainer:
         if self.dist is not None and self.dist.is_main:
             D.broadcast_command(D.Command(D.CMD_STOP), self.dist)
 
-    def _gather_buckets(self, bucket_bytes: int, dtype: torch.dtype | None, done: int) -> None:
-        """Gather the full weights bucket by bucket from bucket ``done`` on, as rank 0's sync
-        does while it sends them (the same plan, so the same collectives in the same order)."""
-        from backend.weight_sync import plan_buckets
-
-        for items in plan_buckets(self.named_weights(), bucket_bytes, dtype)[done:]:
-            D.full_tensors([t for _, t in items])
-
     def sync_weights(self) -> float:
         """Push the current weights to the server (version = step). Returns seconds taken."""
         if self.weight_sync is None:
             return 0.0
         t0 = time.perf_counter()
         try:
-            self._push()
+            push(self)
         except VlmrlError as e:
-            self._rejoin(f"weight sync failed ({e})")
+            rejoin(self, f"weight sync failed ({e})")
         return time.perf_counter() - t0
 
-    def _push(self) -> None:
-        """Send the current weights as version ``step``; the server then holds them.
+    def _sync_on(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # a new thread starts on device 0
+        return self.sync_weights()
 
-        Sharded: every rank gathers each bucket's full tensors as rank 0 packs it (and, if the
-        sync fails half-way, the rest too, so the ranks stay in step), with one collective per
-        group of tensors (:func:`backend.distributed.full_tensors`); memory above the shard is
-        one bucket plus one gather buffer (at most 16 MB per rank)."""
-        assert self.weight_sync is not None
-        # master weights are wider than what the server computes in
-        dtype = self.precision.compute_dtype if self.precision.autocast else None
-        with torch.no_grad():
-            if self.dist is None:
-                extra = {"dtype": dtype} if dtype is not None else {}
-                self.weight_sync.sync(self.named_weights(), version=self.step, **extra)
-            else:
-                bucket_bytes = int(getattr(self.weight_sync, "bucket_bytes"))
-                D.broadcast_command(D.Command(D.CMD_PUSH, (bucket_bytes, dtype)), self.dist)
-                gathered = 0
-
-                def materialize(items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-                    nonlocal gathered
-                    gathered += 1
-                    return list(zip([n for n, _ in items], D.full_tensors([t for _, t in items])))
-
-                try:
-                    self.weight_sync.sync(self.named_weights(), version=self.step, dtype=dtype,
-                                          materialize=materialize)
-                finally:
-                    self._gather_buckets(bucket_bytes, dtype, gathered)
-        self.server_version = self.step
-
-    def _rejoin(self, why: str) -> None:
-        """The server restarted or the sync group broke: wait for the server, join it
-        again and push the current weights (raises if that fails too)."""
-        assert self.weight_sync is not None
-        self.log(f"trainer: {why}; re-joining the server and pushing the weights of step {self.step}")
-        t0 = time.perf_counter()
-        self.weight_sync.reconnect(self.config.request_timeout_s)
-        self._push()
-        self.rejoins += 1
-        self.log(f"trainer: server holds the weights of step {self.step} again ({time.perf_counter() - t0:.1f}s)")
+    @staticmethod
+    def _joined(push: cf.Future[float] | None) -> None:
+        """Wait for a push started in the background; its error is raised here."""
+        if push is not None:
+            push.result()
 
     def _prefetch(self, step: int) -> _Prefetch:
         """Ask for the rollouts of ``step`` on a helper thread, which then encodes their prompts
@@ -326,11 +275,11 @@ class MultimodalGRPOTrainer:
             if self.weight_sync is None or 400 <= (getattr(e, "status", None) or 0) < 500:  # refused: no restart
                 raise
             if self.rejoins == pending.rejoins:  # else the server was joined again since: just ask again
-                self._rejoin(f"rollouts of step {step} failed ({e})")
+                rejoin(self, f"rollouts of step {step} failed ({e})")
             return self._collect(step)
         lost = [r.weight_version for r in rollouts if r.weight_version is not None and r.weight_version < pending.floor]
         if lost and self.weight_sync is not None:
-            self._rejoin(f"rollouts of step {step} came from weights version {min(lost)} but the server "
+            rejoin(self, f"rollouts of step {step} came from weights version {min(lost)} but the server "
                          f"was given version {pending.floor}: it restarted")
             return self._collect(step)
         return rollouts
@@ -361,11 +310,21 @@ class MultimodalGRPOTrainer:
         # source sampling with the trainer's own model stays synchronous.
         ahead = cfg.async_level > 0 and not self.rollout_source.shares_model
         pending: _Prefetch | None = None
+        # Alone (no ranks to keep in step), the trainer pushes its weights while it waits for
+        # the next step's rollouts; the push is joined before anything reads the server again.
+        overlap = ahead and self.dist is None
+        pushing: cf.Future[float] | None = None
         drops = DropWatch(self.log)  # examples left out (broken images, ...); stops a run that loses them all
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 step = self.step + 1
+                if pending is not None and pushing is not None:
+                    cf.wait([pending.future])  # while the weights go out
+                ts = time.perf_counter()
+                self._joined(pushing)  # before the rollouts' errors are handled (they may re-join the server)
+                pushing = None
+                sync_wait = time.perf_counter() - ts
                 rollouts = self._rollouts_of(pending or self._prefetch(step))
                 dropped = drops.note(step, rollouts)  # none left: train_step([]) makes a step without an update
                 # server and trainer must count the same prompt tokens (raises ImageTokenMismatch)
@@ -375,7 +334,10 @@ class MultimodalGRPOTrainer:
                 metrics = self.train_step(rollouts)
                 t2 = time.perf_counter()
                 if step % cfg.sync_to_vllm_every == 0:
-                    self.sync_weights()
+                    if overlap and step < cfg.max_steps:
+                        pushing = in_thread(self._sync_on, self.device, name="weight-push")
+                    else:
+                        self.sync_weights()
                 t3 = time.perf_counter()
                 # Rollouts (PNGs, JSON) are written by a helper thread while the next step runs.
                 if self._rollout_writer is not None:
@@ -384,9 +346,11 @@ class MultimodalGRPOTrainer:
                 record = rec.MetricRecord(step, {
                     **metrics, rec.EXAMPLES_DROPPED: dropped,
                     rec.TOKENS_PER_S: metrics[rec.TOKENS] / max(t2 - t1, 1e-9),
-                    rec.ROLLOUT_S: t1 - t0,
+                    rec.ROLLOUT_S: t1 - t0 - sync_wait,
                     rec.TRAIN_S: t2 - t1,
-                    rec.SYNC_S: t3 - t2,  # sync_weights' own figure leaves out its bookkeeping
+                    # sync_weights' own figure leaves out its bookkeeping; an overlapped push counts
+                    # where the trainer waited for it, in the next step
+                    rec.SYNC_S: t3 - t2 + sync_wait,
                     rec.WRITE_S: t4 - t3,
                     rec.STEP_S: t4 - t0,
                     rec.TIME: time.time(),
@@ -399,6 +363,8 @@ class MultimodalGRPOTrainer:
                     self.log(self.progress_line(line))
                 drops.check()
                 if cfg.eval_every and step % cfg.eval_every == 0:
+                    self._joined(pushing)  # the server answers with this step's weights
+                    pushing = None
                     self._evaluate(step)
                 if cfg.save_every and step % cfg.save_every == 0 and self.run_dir is not None:
                     self.save_checkpoint()
@@ -408,6 +374,8 @@ class MultimodalGRPOTrainer:
                 self.save_checkpoint()
             self.stop_followers()
         finally:
+            if pushing is not None:
+                cf.wait([pushing])  # never leave a push on the wire behind
             try:
                 if self._rollout_writer is not None:
                     self._rollout_writer.close()  # nothing already produced is lost on Ctrl-C or an error

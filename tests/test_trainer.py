@@ -344,3 +344,53 @@ def test_with_a_server_the_next_rollouts_are_requested_while_the_step_trains(
         assert events == ["collect 1", "collect 2", "trained 1", "collect 3", "trained 2", "trained 3"]
     else:
         assert events == ["collect 1", "trained 1", "collect 2", "trained 2", "collect 3", "trained 3"]
+
+
+def test_alone_the_trainer_pushes_its_weights_while_it_waits_for_the_next_rollouts(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Step k's push runs off the training thread (overlapping the wait for step k+1's
+    rollouts), and is over before anything depends on it: the rollouts of step k+2 are asked
+    for, and step k+1 trains, only after it; the last step's push is done when train() returns."""
+    import httpx
+
+    from backend import contract
+    from backend.weight_sync import WeightSyncClient
+    from tests.serverproc import serving
+
+    events: list[str] = []
+    with serving(tmp_path, "tok") as srv:
+        client = WeightSyncClient(srv.url, "tok", backend="gloo", timeout_s=60)
+        tr = _trainer(tiny_model_dir, _cfg(max_steps=4, async_level=1), weight_sync=client)
+        by_step = {s: _with_mixed_rewards(_fixed_rollouts(tr, s)) for s in (1, 2, 3, 4)}
+        tr.rollout_source = ReplaySource(by_step, events)
+        inner_sync, inner_step = client.sync, tr.train_step
+
+        def sync(named: Any, version: int, **kw: Any) -> Any:
+            events.append(f"push {version} on {threading.current_thread().name}")
+            out = inner_sync(named, version, **kw)
+            events.append(f"pushed {version}")
+            return out
+
+        def train_step(rollouts: list[Rollout]) -> dict[str, Any]:
+            events.append(f"train {rollouts[0].step}")
+            return inner_step(rollouts)
+
+        client.sync = sync  # type: ignore[method-assign]
+        tr.train_step = train_step  # type: ignore[method-assign]
+        try:
+            history = tr.train()
+        finally:
+            client.close()
+        info = httpx.get(srv.url + contract.ROUTE_WEIGHT_INFO,
+                         headers={contract.TOKEN_HEADER: "Bearer tok"}).json()
+    pushes = [e for e in events if e.startswith("push ")]
+    assert pushes == ["push 1 on weight-push", "push 2 on weight-push", "push 3 on weight-push",
+                      f"push 4 on {threading.main_thread().name}"], events
+    for k in (1, 2, 3):
+        done = events.index(f"pushed {k}")
+        assert done < events.index(f"train {k + 1}"), events  # the weights change only after the push
+        if k + 2 <= 4:
+            assert done < events.index(f"collect {k + 2}"), events  # step k+2 samples from weights k
+    assert info["weight_version"] == 4
+    for m in history:  # the accounting still adds up, the push counted where the trainer waited for it
+        assert sum(m[p] for p in PHASES) == pytest.approx(m["step_s"], abs=1e-6)
