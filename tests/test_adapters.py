@@ -284,6 +284,19 @@ def test_shared_images_run_the_vision_tower_once_with_the_same_values_and_gradie
     model.zero_grad(set_to_none=True)
 
 
+def _count_encodes(adapter: Any) -> list[int]:
+    """A list that grows by one each time ``adapter`` encodes a prompt."""
+    calls: list[int] = []
+    orig = adapter.encode_prompt
+
+    def counting(messages: list[dict[str, Any]], images: list[Any]) -> Any:
+        calls.append(1)
+        return orig(messages, images)
+
+    adapter.encode_prompt = counting
+    return calls
+
+
 def test_a_groups_prompt_is_encoded_once_even_with_a_fresh_images_list_per_rollout(
     family_model: tuple[str, Any, Any]
 ) -> None:
@@ -292,14 +305,7 @@ def test_a_groups_prompt_is_encoded_once_even_with_a_fresh_images_list_per_rollo
     rollouts = _rollouts(model, processor, n=3)
     for r in rollouts:
         r.images = list(r.images)  # same images, a new list (as Example.images hands out)
-    calls: list[int] = []
-    orig = adapter.encode_prompt
-
-    def counting(messages: list[dict[str, Any]], images: list[Any]) -> Any:
-        calls.append(1)
-        return orig(messages, images)
-
-    adapter.encode_prompt = counting  # type: ignore[method-assign]
+    calls = _count_encodes(adapter)
     adapter.validate(rollouts)
     adapter.build_batch(rollouts)
     assert len(calls) == len(_prompts())  # once per prompt, not per rollout or per call
@@ -320,14 +326,7 @@ def test_prompts_encoded_ahead_for_the_next_step_leave_this_steps_encodings_alon
     adapter = adapter_for(model.config, processor=processor)
     now = _rollouts(model, processor, n=2)
     ahead = [dataclasses.replace(r, step=r.step + 1) for r in now]
-    calls: list[int] = []
-    orig = adapter.encode_prompt
-
-    def counting(messages: list[dict[str, Any]], images: list[Any]) -> Any:
-        calls.append(1)
-        return orig(messages, images)
-
-    adapter.encode_prompt = counting  # type: ignore[method-assign]
+    calls = _count_encodes(adapter)
     adapter.validate(now)
     assert len(calls) == len(_prompts())
     adapter.prepare(ahead)  # another step: its own encodings
