@@ -271,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {side: statistics.median(v) for side, v in per_side.items()}
     print("median s/step over all rounds: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()), flush=True)
     if "trl" in results:
+        # issue 16's targets: the default shape (tiny model) <= 0.5, a shape where compute matters <= 0.6
+        target = 0.5 if a.model == "builtin:tiny-qwen3-vl" else 0.6
         for side in ("vlmrl-server", "vlmrl-vllm", "vlmrl-inprocess"):
             if side in results:
-                print(f"ratio {side} / trl = {results[side] / results['trl']:.2f}  (target <= 0.67)", flush=True)
+                print(f"ratio {side} / trl = {results[side] / results['trl']:.2f}  (target <= {target})", flush=True)
     return 0
 
 
