@@ -254,19 +254,21 @@ class WeightReceiver:
             self._inflight.release()
         pool.put(buf)
 
-    def _load(self, view: torch.Tensor, spec: BucketSpec, skip: set[str], buf: torch.Tensor, pool: BufferPool) -> None:
+    def _copy_in(self, view: torch.Tensor, spec: BucketSpec, skip: set[str]) -> str | None:
+        """Load one bucket's tensors but those in ``skip`` (refused on arrival); the error, if any."""
         try:
             self.load([(n, t) for n, t in unpack_bucket(view, spec) if n not in skip])
-        except Exception as e:  # noqa: BLE001 - reported by finish()
-            self._errors.append(f"loading {len(spec.names)} tensors ({spec.names[0]}, ...) failed: {e}")
+        except Exception as e:  # noqa: BLE001 - reported, never raised: the transfer goes on
+            return f"loading {len(spec.names)} tensors ({spec.names[0]}, ...) failed: {e}"
+        return None
+
+    def _load(self, view: torch.Tensor, spec: BucketSpec, skip: set[str], buf: torch.Tensor, pool: BufferPool) -> None:
+        try:
+            error = self._copy_in(view, spec, skip)
+            if error:
+                self._errors.append(error)  # reported by finish()
         finally:
             self._release(buf, pool)
-
-    @property
-    def staged_bytes(self) -> int:
-        """Bytes received and held for :meth:`apply_staged`."""
-        with self._stats_lock:
-            return sum(spec.nbytes for _, spec, _, _ in self._staging)
 
     def apply_staged(self) -> list[str]:
         """Load every held bucket into the model, in order (the caller makes sure nothing
@@ -274,22 +276,25 @@ class WeightReceiver:
         with self._stats_lock:
             staging, self._staging = self._staging, []
         errors: list[str] = []
-        pool = self._pool
-        for view, spec, skip, buf in staging:
-            try:
-                if not errors:  # after a failure the model is inconsistent anyway: stop copying
-                    self.loaded_any = True
-                    self.load([(n, t) for n, t in unpack_bucket(view, spec) if n not in skip])
-            except Exception as e:  # noqa: BLE001 - reported to the engine
-                errors.append(f"loading {len(spec.names)} tensors ({spec.names[0]}, ...) failed: {e}")
-            if pool is not None:
-                pool.put(buf)
+        try:
+            for view, spec, skip, _ in staging:
+                if errors:  # after a failure the model is inconsistent anyway: stop copying
+                    break
+                self.loaded_any = True
+                error = self._copy_in(view, spec, skip)
+                if error:
+                    errors.append(error)
+        finally:
+            self._give_back(staging)
         return errors
 
     def discard_staged(self) -> None:
         """Drop held buckets (an update that failed or was replaced): the model keeps its weights."""
         with self._stats_lock:
             staging, self._staging = self._staging, []
+        self._give_back(staging)
+
+    def _give_back(self, staging: list[tuple[torch.Tensor, BucketSpec, set[str], torch.Tensor]]) -> None:
         if self._pool is not None:
             for _, _, _, buf in staging:
                 self._pool.put(buf)
