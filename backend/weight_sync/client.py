@@ -212,11 +212,12 @@ class WeightSyncClient:
             "world_size": self.world_size, "backend": self.backend, "timeout_s": self.timeout_s,
             "group_name": group_name, "probe": probe,
         }
-        http = in_thread(self._post, contract.ROUTE_INIT_WEIGHT_TRANSFER, {"init_info": init_info})
+        http = in_thread(self._post, contract.ROUTE_INIT_WEIGHT_TRANSFER, {"init_info": init_info},
+                         name="weight-sync-init")
         store = self.store
         device = group_device(self.backend)  # this thread's CUDA device, not the helper's
         group = in_thread(open_group, self.backend, store, 0, self.world_size, self.timeout_s,
-                       master_address=self.host, prefix=group_name, device=device)
+                          master_address=self.host, prefix=group_name, device=device, name="weight-sync-group")
         try:
             self._wait("joining the weight-sync group", group, http)
         except WeightSyncError:
@@ -301,7 +302,8 @@ class WeightSyncClient:
             info = specs[i].update_info()
             if self.pipelined:
                 info["bucket_index"] = i
-            return in_thread(self._post, contract.ROUTE_UPDATE_WEIGHTS, {"update_info": info})
+            return in_thread(self._post, contract.ROUTE_UPDATE_WEIGHTS, {"update_info": info},
+                             name="weight-sync-bucket")
 
         acks: list[cf.Future[Any]] = []
         # Pipelined (hf engine): up to two buckets on the wire, the next one announced ahead.
