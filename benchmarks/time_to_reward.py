@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backend import records as rec  # noqa: E402
+from backend.rundir import RunDirectory, read_jsonl  # noqa: E402
 
 
 def first_reaching(metrics: list[dict[str, Any]], target: float, window: int) -> dict[str, Any] | None:
@@ -47,14 +48,15 @@ def one_round(config: Path, seed: int, a: argparse.Namespace, workdir: Path) -> 
            f"trainer.args.save_every={a.max_steps}", f"inference.port={a.port + seed}"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    run_dir = workdir / name
+    run_dir = RunDirectory(workdir / name)
     if proc.returncode != 0:
         raise SystemExit(f"round {seed}: vlmrl run exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    run = rec.RunInfo.from_json(json.loads((run_dir / rec.RUN_FILE).read_text()))
-    healthy = run.processes[rec.PROC_SERVER].healthy_at
+    run = rec.RunInfo.read(run_dir.run_json)
+    server = run.processes.get(rec.PROC_SERVER) if run is not None else None
+    healthy = server.healthy_at if server is not None else None
     if healthy is None:
         raise SystemExit(f"round {seed}: {rec.RUN_FILE} has no time at which the server became healthy")
-    metrics = [json.loads(line) for line in (run_dir / rec.METRICS_FILE).read_text().splitlines() if line.strip()]
+    metrics = list(read_jsonl(run_dir.metrics))
     hit = first_reaching(metrics, a.target, a.window)
     step_s = statistics.median(float(m[rec.STEP_S]) for m in metrics[3:])
     phases = {k: statistics.median(float(m.get(k) or 0.0) for m in metrics[3:]) for k in (*rec.PHASES, *rec.TRAIN_PHASES)}
