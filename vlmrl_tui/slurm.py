@@ -91,21 +91,29 @@ def follow(job_id: str, run_dir: Path, *, poll_s: float = 1.0) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     if not stop:
-        return code if code == 0 else _account(job_id, rd, code)
+        if code == 0:
+            # the run is complete; its job still has its teardown (the batch script's exit,
+            # SLURM's epilog): return once nothing of it is left, as a caller would assume
+            _wait_gone(job_id, 60)
+            return code
+        return _account(job_id, rd, code)
     print(f"cancelling job {job_id} (scancel): every task on every node stops", flush=True)
     cancel(job_id)
-    deadline = time.monotonic() + 120
+    _wait_gone(job_id, 120)
+    return 130 if stop[0] == signal.SIGINT else 143
+
+
+def _wait_gone(job_id: str, timeout_s: float) -> None:
+    """Wait (at most ``timeout_s``) until SLURM no longer lists the job."""
+    deadline = time.monotonic() + timeout_s
     while job_running(job_id) and time.monotonic() < deadline:
         time.sleep(0.5)
-    return 130 if stop[0] == signal.SIGINT else 143
 
 
 def _account(job_id: str, rd: RunDirectory, code: int) -> int:
     """After a run that did not complete: add SLURM's account of its job to ``run.json``
     (its supervisor saw only a SIGTERM, or nothing), and the exit code that goes with it."""
-    deadline = time.monotonic() + 60
-    while job_running(job_id) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _wait_gone(job_id, 60)
     end = job_end(job_id)
     info = rd.run_info()
     if end is None or info is None or f"SLURM job {job_id}" in (info.reason or ""):
