@@ -164,6 +164,11 @@ class LoraSettings(BaseModel):
     )
 
 
+#: ``[trainer.args] report_to``: the experiment trackers vlmrl feeds (backend/trackers.py)
+TrackerName = Literal["trackio", "wandb", "tensorboard"]
+TRACKERS: tuple[str, ...] = get_args(TrackerName)
+
+
 class MultimodalRLConfig(BaseModel):
     """``[trainer.args]``: everything the GRPO trainer needs."""
 
@@ -232,6 +237,28 @@ class MultimodalRLConfig(BaseModel):
     torch_threads: int | None = Field(None, gt=0)
     eval_every: int = Field(0, ge=0)
     eval_size: int = Field(32, gt=0)
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="experiment trackers that get every metric and rollout tables: trackio, wandb, tensorboard "
+                    "(a name or a list; pip extras of the same names); the run directory keeps everything anyway",
+    )
+    log_rollouts_every: int = Field(10, ge=0, description="steps between rollout tables sent to the trackers (0: none)")
+    tracker_project: str = Field("vlmrl", min_length=1, description="trackio and wandb project (the tracker run is "
+                                                                   "named after the run directory)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, v: Any) -> Any:
+        """One name or a list, as TRL takes it ("none": no tracker); an unknown name is refused."""
+        names = ([] if v == "none" else [v]) if isinstance(v, str) else v
+        if not isinstance(names, list):
+            return v  # pydantic reports the type
+        for name in names:
+            if isinstance(name, str) and name not in TRACKERS:
+                hint = difflib.get_close_matches(name, TRACKERS, n=1)
+                more = f"did you mean {hint[0]!r}? " if hint else ""
+                raise ValueError(f"unknown tracker {name!r}; {more}known: {', '.join(TRACKERS)}")
+        return list(dict.fromkeys(names))  # each tracker once
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "MultimodalRLConfig":

@@ -42,6 +42,8 @@ LOGS_DIR = "logs"  # logs/<process>.log
 LOG_SUFFIX = ".log"
 ROLLOUT_IMAGES_DIR = "rollouts"  # rollouts/<step>/<example>-<k>.png
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/<step>/
+TENSORBOARD_DIR = "tensorboard"  # report_to = ["tensorboard"]: the trainer's event files
+WANDB_RUNS_DIR = "wandb"  # report_to = ["wandb"], WANDB_DIR unset: the folder wandb itself makes in the run directory
 CONTROL_SOCKET = "supervisor.sock"  # the supervisor's control channel
 SPACE_RESERVE = "supervisor.reserve"  # disk space the supervisor frees to record a run's end on a full disk
 RUN_LOCK = "supervisor.lock"  # flock'd by the run's supervisor while it runs: one supervisor per run
@@ -369,11 +371,12 @@ PHASES: tuple[str, ...] = (ROLLOUT_S, TRAIN_S, SYNC_S, WRITE_S)  # they add up t
 TRAIN_PHASES: tuple[str, ...] = (BATCH_S, FORWARD_BACKWARD_S, OPTIMIZER_S)  # they add up to about TRAIN_S
 TIME = "time"  # Unix epoch seconds when the step ended
 TURNS = "episode_turns"  # multi-turn environments: model turns per episode, mean over the step's episodes
+WEIGHT_VERSION = "weights_version"  # the weights version the server holds (or is receiving) after the step
 
 METRIC_KEYS: tuple[str, ...] = (
     STEP, REWARD_MEAN, REWARD_STD, LOSS, IR, IR_MIN, IR_MAX, CLIP_FRAC, MASKED_FRAC, MISMATCH_KL, KL, ENTROPY,
     GRAD_NORM, LR, NUM_ROLLOUTS, DROPPED, EXAMPLES_DROPPED, LOSS_TOKENS, TRAINED_SEQUENCES, TOKENS, TOKENS_PER_S,
-    ROLLOUT_S, TRAIN_S, BATCH_S, FORWARD_BACKWARD_S, OPTIMIZER_S, SYNC_S, WRITE_S, STEP_S, TIME, TURNS,
+    ROLLOUT_S, TRAIN_S, BATCH_S, FORWARD_BACKWARD_S, OPTIMIZER_S, SYNC_S, WRITE_S, STEP_S, TIME, TURNS, WEIGHT_VERSION,
 )
 
 

@@ -4,6 +4,7 @@
 runs/<name>/
   config.toml  run.json  metrics.jsonl  rollouts.jsonl
   logs/<proc>.log  rollouts/<step>/<file>.png  checkpoints/<step>/
+  tensorboard/  wandb/       (report_to: event files; wandb's own folder)
 ```
 
 File names and record schemas belong to :mod:`backend.records`. Writers append whole
@@ -104,6 +105,15 @@ class RunDirectory:
     @property
     def checkpoints_dir(self) -> Path:
         return self.path / records.CHECKPOINTS_DIR
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / records.TENSORBOARD_DIR
+
+    @property
+    def wandb_dir(self) -> Path:
+        """The folder wandb makes (its runs, offline ones included) when ``WANDB_DIR`` is unset."""
+        return self.path / records.WANDB_RUNS_DIR
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / str(step)

@@ -35,7 +35,8 @@ log = logging.getLogger("vlmrl.train")
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"max_steps", "save_every", "log_every_steps", "eval_every", "eval_size", "max_concurrent",
      "request_timeout_s", "torch_threads", "sync_port", "run_name", "output_dir", "device",
-     "gradient_checkpointing", "bucket_size_mb"}  # memory and transport only: the same updates either way
+     "gradient_checkpointing", "bucket_size_mb",  # memory and transport only: the same updates either way
+     "report_to", "log_rollouts_every", "tracker_project"}  # where copies of the metrics go
 )
 
 

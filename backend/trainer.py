@@ -44,6 +44,7 @@ from backend.precision import Precision, precision_of
 from backend.rollout_types import DropWatch, Rollout, RolloutSource
 from backend.rollout_writer import RolloutWriter
 from backend.rundir import JsonlWriter, RunDirectory, checkpoint_complete
+from backend.trackers import Trackers, open_trackers
 from backend.sampling import banned_token_ids, bias_vector, logit_bias_for
 from backend.threads import in_thread
 from backend.trainpush import WeightSink, gather_buckets, push, rejoin
@@ -159,6 +160,7 @@ class MultimodalGRPOTrainer:
         self.identity: dict[str, Any] | None = None  # saved in each checkpoint: what --resume compares
         self._metrics: JsonlWriter | None = None
         self._rollout_writer: RolloutWriter | None = None
+        self._trackers: Trackers | None = None  # report_to: fed on their own thread (backend/trackers.py)
         # The weights version the server holds, as far as the trainer knows; a rollout
         # sampled with an older one means the server restarted and lost our weights.
         self.server_version = 0
@@ -303,6 +305,7 @@ class MultimodalGRPOTrainer:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             self._metrics = JsonlWriter(self.run_dir.metrics)
             self._rollout_writer = RolloutWriter(self.run_dir)
+        self._trackers = open_trackers(cfg, self.run_dir, self.identity, self.step, self.log)
         self.model.eval()  # no dropout: the server samples without it
         last_saved = None
         # With a server (it holds its own copy of the weights), the next step's rollouts are
@@ -354,11 +357,16 @@ class MultimodalGRPOTrainer:
                     rec.WRITE_S: t4 - t3,
                     rec.STEP_S: t4 - t0,
                     rec.TIME: time.time(),
+                    # a push in flight counts: the server has this version before it samples again
+                    **({rec.WEIGHT_VERSION: step if pushing is not None else self.server_version}
+                       if self.weight_sync is not None else {}),
                 })
                 line = record.to_json()  # JSON has no NaN: a metric with no token to average over is null
                 self.history.append(line)
                 if self._metrics is not None:
                     self._metrics.write(line)
+                if self._trackers is not None:
+                    self._trackers.step(line, rollouts)  # queued: sent on the trackers' thread
                 if step % cfg.log_every_steps == 0 or step == cfg.max_steps:
                     self.log(self.progress_line(line))
                 drops.check()
@@ -380,9 +388,13 @@ class MultimodalGRPOTrainer:
                 if self._rollout_writer is not None:
                     self._rollout_writer.close()  # nothing already produced is lost on Ctrl-C or an error
             finally:
-                if self._metrics is not None:
-                    self._metrics.close()
-                self._metrics = self._rollout_writer = None
+                try:
+                    if self._metrics is not None:
+                        self._metrics.close()
+                finally:
+                    if self._trackers is not None:
+                        self._trackers.close()  # last (it may wait on uploads); never raises
+                    self._metrics = self._rollout_writer = self._trackers = None
         return self.history
 
     def _collect(self, step: int) -> list[Rollout]:

@@ -586,3 +586,16 @@ def test_an_environment_module_passes_the_environment_check(tmp_path: Path, monk
     assert check_env_id(cfg, fast=False).status == OK
     bad = check_env_id(_cfg(tmp_path, env={"id": "no-such-env"}), fast=True)
     assert bad.status == FAIL and "no module 'no_such_env'" in bad.message
+
+
+def test_trackers_check_names_a_tracker_that_is_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlmrl_tui.doctor import check_trackers
+
+    assert check_trackers(_cfg(tmp_path)).status == OK
+    both = _cfg(tmp_path, trainer={"args": {"output_dir": str(tmp_path), "report_to": ["tensorboard", "wandb"]}})
+    assert check_trackers(both).status == OK  # both in the dev extras
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if wandb were not installed
+    r = check_trackers(both)
+    assert r.status == WARN and "wandb" in r.message and "tensorboard" not in r.message
+    assert r.fix == "pip install -e '.[wandb]'"
+    assert [c.name for c in run_checks(both, fast_only=True) if c.name == "trackers"] == ["trackers"]

@@ -305,6 +305,20 @@ def check_env_id(cfg: VlmrlConfig, fast: bool) -> CheckResult:
     return CheckResult("environment", OK, f"{cfg.env.id}" + ("" if fast else f" (args {cfg.env.args or '{}'})"))
 
 
+def check_trackers(cfg: VlmrlConfig) -> CheckResult:
+    """``report_to``: each tracker's package must be installed, or the trainer drops it (with a
+    warning in its log) and the run goes on without it."""
+    wanted = list(cfg.trainer.args.report_to)
+    if not wanted:
+        return CheckResult("trackers", OK, "none (report_to is empty: metrics go to the run directory only)")
+    missing = [name for name in wanted if not _importable(name)]
+    if missing:
+        return CheckResult("trackers", WARN, f"report_to names {', '.join(missing)}, not installed: the run goes on "
+                           "without " + ("it" if len(missing) == 1 else "them"),
+                           "pip install -e '.[" + ",".join(missing) + "]'")
+    return CheckResult("trackers", OK, ", ".join(wanted))
+
+
 def check_run_dir(cfg: VlmrlConfig, plan: Any) -> CheckResult:
     problem = run_dir_problem(plan.run_dir, resume=False)
     if problem:
@@ -372,6 +386,7 @@ def run_checks(
         results.append(check_disk(cfg))
         results.append(check_model(cfg, env))
         results.append(check_env_id(cfg, fast_only))
+        results.append(check_trackers(cfg))
         if not fast_only:  # needs a running server (else a warning) and the processor (transformers)
             tokens = check_image_tokens(cfg)
             results.append(tokens)
