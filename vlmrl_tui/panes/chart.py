@@ -28,28 +28,43 @@ ROLES = ("band", "extra", "main", "eval")  # drawing order: later roles win a sh
 
 @dataclass(frozen=True)
 class Series:
-    """Points of one line; ``role`` picks its colour (band lines are dimmed); ``marks``:
-    each point is also drawn as a small square (for series with few points)."""
+    """Points of one line; ``role`` picks its colour (band lines are dimmed) and its drawing
+    order; ``color`` (a Rich colour, e.g. one per run in a comparison) overrides the role's
+    colour; ``marks``: each point is also drawn as a small square (for series with few points)."""
 
     xs: Sequence[float]
     ys: Sequence[float]
     role: str = "main"
     label: str | None = None
     marks: bool = False
+    color: str | None = None
+
+    @property
+    def style_key(self) -> str:
+        """The key of this series' style in a chart's styles (its role, or its own colour)."""
+        return f"color:{self.color}" if self.color else self.role
+
+
+LABEL_WIDTH = 7  # the most characters of a y label (:func:`compact`)
 
 
 def compact(v: float) -> str:
-    """A number in at most 7 characters."""
+    """A y label: a number in at most :data:`LABEL_WIDTH` characters, sign included
+    (``-0.00123`` is ``-0.0012``, ``-1.23e-05`` is ``-1.2e-5``, ``123456789`` is ``1.2e8``)."""
     if v == 0:
         return "0"
+    if not math.isfinite(v):
+        return str(v)
     a = abs(v)
-    if a >= 1e5 or a < 1e-3:
-        return f"{v:.1e}"
-    if a >= 100:
-        return f"{v:.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    return f"{v:.3g}"
+    if 1e-3 <= a < 1e5:
+        text = f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.3g}"
+        return text if len(text) <= LABEL_WIDTH else f"{v:.2g}"  # only -0.00xyz needs the cut
+    for digits in (1, 0):  # exponent without "+" and leading zeros: 1.2e8, -1.2e-5, -1e-300
+        mantissa, exp = f"{v:.{digits}e}".split("e")
+        text = f"{mantissa}e{int(exp)}"
+        if len(text) <= LABEL_WIDTH:
+            return text
+    return text
 
 
 def y_range(series: Sequence[Series]) -> tuple[float, float] | None:
@@ -67,13 +82,15 @@ class ChartRender:
     """The chart as Rich segments for a given size (what :class:`LineChart` renders)."""
 
     def __init__(self, title: Text, series: Sequence[Series], width: int, height: int,
-                 styles: dict[str, Style], title_base: Style | None = None) -> None:
+                 styles: dict[str, Style], title_base: Style | None = None,
+                 x_label: Callable[[float], str] | None = None) -> None:
         self.title = title
+        self.x_label = x_label  # x value -> label (e.g. a duration); None: the number
         self.title_base = title_base  # applied under the title's own styles
         self.series = series
         self.width = max(1, width)
         self.height = max(1, height)
-        self.styles = styles
+        self.styles = dict(styles)  # per-series colours are added
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         for line in self.lines(console):
@@ -123,17 +140,21 @@ class ChartRender:
             bits[cy][cx] |= _DOT[px % 2][py % 4]
             owner[cy][cx] = role
 
+        for s in self.series:
+            if s.color and s.style_key not in self.styles:
+                self.styles[s.style_key] = axis + Style(color=s.color)
         for role in ROLES:
             for s in self.series:
                 if s.role != role:
                     continue
+                key = s.style_key
                 prev: tuple[int, int] | None = None
                 for cur in _per_column(s.xs, s.ys, to_dot):
                     if cur is None:
                         prev = None
                         continue
                     for px, py in _segment(prev or cur, cur):
-                        light(px, py, role)
+                        light(px, py, key)
                     prev = cur
                 if s.marks:
                     for x, y in zip(s.xs, s.ys):
@@ -141,7 +162,7 @@ class ChartRender:
                             mx, my = to_dot(x, y)
                             for px in range(max(0, mx - 1), min(dots_w, mx + 2)):
                                 for py in range(max(0, my - 1), min(dots_h, my + 2)):
-                                    light(px, py, role)
+                                    light(px, py, key)
         for r in range(rows):
             label = labels.get(r, "")
             line = [Segment(label.rjust(lw), axis), Segment("┤" if label else "│", axis)]
@@ -157,8 +178,10 @@ class ChartRender:
             if run_chars:
                 line.append(Segment("".join(run_chars), self.styles.get(run_role, axis)))
             out.append(line)
-        first, last = f"{x0:g}", f"{x1:g}"
-        mid = f"{(x0 + x1) / 2:.0f}" if pw >= len(first) + len(last) + 8 else ""
+        fmt = self.x_label
+        first, last = (f"{x0:g}", f"{x1:g}") if fmt is None else (fmt(x0), fmt(x1))
+        mid = f"{(x0 + x1) / 2:.0f}" if fmt is None else fmt((x0 + x1) / 2)
+        mid = mid if pw >= len(first) + len(last) + len(mid) + 4 else ""
         xl = [" "] * pw
         for pos, text in ((0, first), (max(0, pw - len(last)), last), ((pw - len(mid)) // 2, mid)):
             for i, ch in enumerate(text):
@@ -238,6 +261,7 @@ class LineChart(Widget):
         super().__init__(id=id)
         self.title = title
         self.series: list[Series] = []
+        self.x_label: Callable[[float], str] | None = None  # see ChartRender; set before set_series
         self._parts: dict[str, Style] | None = None  # component styles, until the theme or CSS changes
         self._strips: list[Strip] | None = None  # the drawn chart, until series, size or style change
         self._strips_size: tuple[int, int] = (0, 0)
@@ -265,9 +289,9 @@ class LineChart(Widget):
         title = Text(self.title, style=parts["title"])
         labels = [s for s in self.series if s.label]
         for s in labels:
-            title.append("  ● ", style=parts[s.role])
+            title.append("  ● ", style=Style(color=s.color) if s.color else parts[s.role])
             title.append(s.label or "", style=parts["axis"])
-        return ChartRender(title, self.series, width, height, styles, title_base=base)
+        return ChartRender(title, self.series, width, height, styles, title_base=base, x_label=self.x_label)
 
     def render_line(self, y: int) -> Strip:
         # Line API: the chart is drawn into strips once per change and each line is then

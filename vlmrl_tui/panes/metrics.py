@@ -10,18 +10,26 @@ log several steps a second, and nothing needs redrawing that often.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Static
 
 from backend import records as r
 from backend.records import EvalRecord, MetricRecord
 from vlmrl_tui.panes.chart import LineChart, Series
+from vlmrl_tui.panes.chartview import ChartOptions, next_zoom, short_duration, view
+from vlmrl_tui.panes.metricstore import (
+    MAX_POINTS,
+    EvalStore,
+    MetricsStore,
+    downsample,
+    format_duration,
+    format_value,
+)
 
 
 @dataclass(frozen=True)
@@ -72,141 +80,7 @@ TABLE_KEYS: tuple[tuple[str, str], ...] = (
     (r.STEP_S, "step s"),
 )
 
-MAX_POINTS = 600  # series longer than this are bucketed (bucket means) before plotting
 EVAL_LABEL = "eval"  # the eval series' legend on the reward plot
-
-
-def format_value(v: float | None) -> str:
-    """A metric value in at most ~8 characters."""
-    if v is None:
-        return "—"
-    a = abs(v)
-    if a == 0:
-        return "0"
-    if a >= 1e5 or a < 1e-3:
-        return f"{v:.2e}"
-    if a >= 100:
-        return f"{v:,.0f}"
-    return f"{v:.4g}"
-
-
-def format_duration(seconds: float | None) -> str:
-    """``1h 02m``, ``3m 05s`` or ``12s``."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "—"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m {s % 60:02d}s"
-    return f"{s}s"
-
-
-def downsample(xs: list[float], ys: list[float], n: int = MAX_POINTS) -> tuple[list[float], list[float]]:
-    """At most ``n`` points: means of equal buckets (the last point is kept as is)."""
-    if len(xs) <= n:
-        return xs, ys
-    size = math.ceil(len(xs) / n)
-    ox, oy = [], []
-    for i in range(0, len(xs) - 1, size):
-        bx, by = xs[i : i + size], ys[i : i + size]
-        ox.append(sum(bx) / len(bx))
-        oy.append(sum(by) / len(by))
-    ox.append(xs[-1])
-    oy.append(ys[-1])
-    return ox, oy
-
-
-class MetricsStore:
-    """Metric records by step (a resumed run that logs a step again replaces it)."""
-
-    def __init__(self) -> None:
-        self.records: dict[int, MetricRecord] = {}
-        self._steps: list[int] | None = None
-        self._series: dict[str, tuple[list[float], list[float]]] = {}  # by key, until the next add
-
-    def add(self, records: Iterable[MetricRecord | Mapping[str, Any]]) -> int:
-        n = 0
-        for item in records:
-            rec = MetricRecord.from_json(item)
-            if rec is None:
-                continue
-            self.records[rec.step] = rec
-            n += 1
-        if n:
-            self._steps = None
-            self._series.clear()
-        return n
-
-    @property
-    def steps(self) -> list[int]:
-        if self._steps is None:
-            self._steps = sorted(self.records)
-        return self._steps
-
-    def series(self, key: str) -> tuple[list[float], list[float]]:
-        """(steps, values) where ``key`` has a finite value (shared lists: do not modify)."""
-        cached = self._series.get(key)
-        if cached is not None:
-            return cached
-        xs: list[float] = []
-        ys: list[float] = []
-        records = self.records
-        for step in self.steps:
-            v = records[step].finite(key)
-            if v is not None:
-                xs.append(float(step))
-                ys.append(v)
-        self._series[key] = (xs, ys)
-        return xs, ys
-
-    def latest(self) -> MetricRecord | None:
-        return self.records[max(self.records)] if self.records else None
-
-    def step_seconds(self, window: int = 20) -> float | None:
-        """Recent seconds per step (from ``step_s``, else from ``time`` stamps)."""
-        steps = self.steps[-window:]
-        vals = [v for s in steps if (v := self.records[s].finite(r.STEP_S)) is not None]
-        if vals:
-            return sum(vals) / len(vals)
-        times = [(s, t) for s in steps if (t := self.records[s].finite(r.TIME)) is not None]
-        if len(times) >= 2 and times[-1][0] > times[0][0]:
-            return (times[-1][1] - times[0][1]) / (times[-1][0] - times[0][0])
-        return None
-
-
-class EvalStore:
-    """Eval records by step (a resumed run that evaluates a step again replaces it)."""
-
-    def __init__(self) -> None:
-        self.records: dict[int, EvalRecord] = {}
-        self._series: tuple[list[float], list[float]] | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.records)
-
-    def add(self, records: Iterable[EvalRecord | Mapping[str, Any]]) -> int:
-        n = 0
-        for item in records:
-            rec = item if isinstance(item, EvalRecord) else EvalRecord.from_json(item)
-            if rec is None:
-                continue
-            self.records[rec.step] = rec
-            n += 1
-        if n:
-            self._series = None
-        return n
-
-    def series(self) -> tuple[list[float], list[float]]:
-        """(steps, mean rewards) of the finite evaluations (shared lists: do not modify)."""
-        if self._series is None:
-            pairs = [(float(s), self.records[s].accuracy) for s in sorted(self.records)]
-            pairs = [(x, y) for x, y in pairs if math.isfinite(y)]
-            self._series = ([x for x, _ in pairs], [y for _, y in pairs])
-        return self._series
-
-    def latest(self) -> EvalRecord | None:
-        return self.records[max(self.records)] if self.records else None
 
 
 class MetricPlot(LineChart):
@@ -217,30 +91,66 @@ class MetricPlot(LineChart):
     def __init__(self, spec: PlotSpec, *, id: str | None = None) -> None:
         super().__init__(spec.title, id=id)
         self.spec = spec
+        self._drawn: tuple[MetricsStore, EvalStore | None, ChartOptions] | None = None
+        self._points = MAX_POINTS  # what the series were bucketed to
 
-    def draw(self, store: MetricsStore, evals: EvalStore | None = None) -> None:
+    def on_resize(self) -> None:
+        if self._drawn is not None and self.max_points() != self._points:
+            self.draw(*self._drawn)  # bucketed for the new width
+
+    def max_points(self) -> int:
+        """Points a series is bucketed to: 2 per dot column (4 per cell) of this plot, which
+        is all a line can show, and what keeps a redraw of a long run cheap."""
+        width = self.content_size.width
+        return min(MAX_POINTS, max(4 * width, 64)) if width > 0 else MAX_POINTS
+
+    def draw(self, store: MetricsStore, evals: EvalStore | None = None, opts: ChartOptions = ChartOptions()) -> None:
+        """Plot the spec's series as ``opts`` shows them; smoothed, the raw main line stays
+        behind the EMA, dimmed (band colour); evaluations are zoomed and timed, never smoothed."""
         spec = self.spec
+        self._drawn, self._points = (store, evals, opts), self.max_points()
+        n = self._points
+        times = store.times() if opts.by_time else None
+        t0 = min(times.values(), default=None) if times else None
+        last_x = float(store.steps[-1]) if store.steps else None
+        raw = replace(opts, smooth=False)
+
+        def shown(xs: list[float], ys: list[float], o: ChartOptions = opts,
+                  tm: dict[float, float] | None = times) -> tuple[list[float], list[float]]:
+            return downsample(*view(xs, ys, o, tm, t0, last_x=last_x), n)
+
         series: list[Series] = []
         xs, ys = store.series(spec.key)
+        main = shown(xs, ys)
         if xs and spec.band:
-            std = dict(zip(*store.series(spec.band)))
-            pairs = [(x, y, std[x]) for x, y in zip(xs, ys) if x in std]
+            sx, sy = store.series(spec.band)
+            if sx == xs:  # every step has both: mean ± std from the shown series (all steps are linear)
+                (bx, by), (_, bs) = main, shown(sx, sy)
+            else:
+                std = dict(zip(sx, sy))
+                pairs = [(x, y, std[x]) for x, y in zip(xs, ys) if x in std]
+                (bx, by), (_, bs) = (shown([p[0] for p in pairs], [p[k] for p in pairs]) for k in (1, 2))
             for sign in (1, -1):
-                bx, by = downsample([p[0] for p in pairs], [p[1] + sign * p[2] for p in pairs])
-                series.append(Series(bx, by, "band"))
+                series.append(Series(bx, [y + sign * d for y, d in zip(by, bs)], "band"))
         for env in (spec.low, spec.high):
             if env and xs:
-                series.append(Series(*downsample(*store.series(env)), "band"))
+                series.append(Series(*shown(*store.series(env)), "band"))
         for extra in spec.extra:
             ex, ey = store.series(extra)
             if ex:
-                series.append(Series(*downsample(ex, ey), "extra", label=extra))
+                series.append(Series(*shown(ex, ey), "extra", label=extra))
         if xs:
-            series.append(Series(*downsample(xs, ys), "main", label=spec.key if spec.extra else None))
+            if opts.smooth:
+                series.append(Series(*shown(xs, ys, raw), "band"))
+            series.append(Series(*main, "main", label=spec.key if spec.extra else None))
         if spec.evals and evals:
             ex, ey = evals.series()
             if ex:
-                series.append(Series(*downsample(ex, ey), "eval", label=EVAL_LABEL, marks=True))
+                ev = shown(ex, ey, raw, evals.times() if times is not None else None)
+                series.append(Series(*ev, "eval", label=EVAL_LABEL, marks=True))
+        described = opts.describe()
+        self.title = f"{spec.title} · {described}" if described else spec.title
+        self.x_label = short_duration if opts.by_time else None
         self.set_series(series)
 
 
@@ -279,8 +189,15 @@ class StepBar(Static):
         self.update(text, layout=False)
 
 
-class MetricsPane(Vertical):
-    """Plots, latest values, progress and ETA of the run's optimizer steps."""
+class MetricsPane(Vertical, can_focus=True):
+    """Plots, latest values, progress and ETA of the run's optimizer steps; keys choose how the
+    plots show their series (:class:`~vlmrl_tui.panes.chartview.ChartOptions`)."""
+
+    BINDINGS = [
+        Binding("e", "toggle_smooth", "Smooth (EMA)", id="metrics.smooth"),
+        Binding("w", "toggle_x_axis", "X: step/time", id="metrics.x_axis"),
+        Binding("z", "zoom", "Zoom last N", id="metrics.zoom"),
+    ]
 
     DEFAULT_CSS = """
     MetricsPane { height: 1fr; }
@@ -301,6 +218,7 @@ class MetricsPane(Vertical):
         self.evals = EvalStore()
         self.max_steps: int | None = None  # from run.json
         self.finished = False
+        self.options = ChartOptions()
         self._dirty = False
         self._timer_pending = False
         self._eta = Static("waiting for the first step", id="metrics-eta")
@@ -370,6 +288,23 @@ class MetricsPane(Vertical):
             self._dirty = True
             self._schedule()
 
+    def action_toggle_smooth(self) -> None:
+        self.set_options(replace(self.options, smooth=not self.options.smooth))
+
+    def action_toggle_x_axis(self) -> None:
+        self.set_options(replace(self.options, x_axis="step" if self.options.by_time else "time"))
+
+    def action_zoom(self) -> None:
+        steps = self.store.steps
+        span = steps[-1] - steps[0] if steps else None
+        self.set_options(replace(self.options, last_n=next_zoom(self.options.last_n, span)))
+
+    def set_options(self, options: ChartOptions) -> None:
+        """Show the plots with ``options`` (redrawn now: the user just asked)."""
+        self.options = options
+        for plot in self.query(MetricPlot):
+            plot.draw(self.store, self.evals, options)
+
     def _schedule(self) -> None:
         if not self._timer_pending and self.is_mounted:
             self._timer_pending = True
@@ -395,7 +330,7 @@ class MetricsPane(Vertical):
         self.table.update(self.latest_table(self.latest_values, self.eval_values), layout=False)
         self._update_progress(latest)
         for plot in self.query(MetricPlot):
-            plot.draw(self.store, self.evals)
+            plot.draw(self.store, self.evals, self.options)
 
     def progress_text(self) -> str:
         """``step 37/200 · 0.52 s/step · ETA 1m 25s``, then ``· eval 0.812 (n=32, step 20)``
@@ -405,15 +340,15 @@ class MetricsPane(Vertical):
         tail = f" · eval {format_value(ev.accuracy)} (n={ev.n}, step {ev.step})" if ev is not None else ""
         if latest is None:
             return "waiting for the first step" + tail
-        step = latest.step
         per = self.store.step_seconds()
-        parts = [f"step {step}" + (f"/{self.max_steps}" if self.max_steps else "")]
+        parts = [f"step {latest.step}" + (f"/{self.max_steps}" if self.max_steps else "")]
         if per is not None:
             parts.append(f"{per:.2f} s/step")
+        eta = self.store.eta_seconds(self.max_steps)
         if self.finished:
             parts.append("finished")
-        elif self.max_steps and per is not None:
-            parts.append(f"ETA {format_duration(max(0, self.max_steps - step) * per)}")
+        elif eta is not None:
+            parts.append(f"ETA {format_duration(eta)}")
         return " · ".join(parts) + tail
 
     def _update_progress(self, latest: MetricRecord | None) -> None:
