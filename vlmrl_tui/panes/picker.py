@@ -1,4 +1,9 @@
-"""Run picker: the recent runs under the output directory, newest first; Enter attaches."""
+"""Run picker: the recent runs under the output directory, newest first; Enter attaches.
+
+Space marks runs (a ``●`` in the first column, a count in the title); Enter with two or more
+marked opens their comparison. The screen dismisses with the run directories to open, the
+primary run (the one the logs, processes and rollouts tabs show) first, or None to quit.
+"""
 
 from __future__ import annotations
 
@@ -71,11 +76,12 @@ def list_runs(output_dir: Path, limit: int = 100) -> list[RunEntry]:
     return entries[:limit]
 
 
-class RunPickerScreen(Screen[Path | None]):
-    """Lists runs; dismisses with the chosen run directory, or None to quit."""
+class RunPickerScreen(Screen[list[Path] | None]):
+    """Lists runs; dismisses with the chosen run directories (primary first), or None to quit."""
 
     BINDINGS = [
         Binding("enter", "pick", "Attach", id="picker.attach"),
+        Binding("space", "mark", "Mark to compare", id="picker.mark"),
         Binding("q,escape", "cancel", "Quit", id="picker.quit"),
         Binding("f5", "reload", "Reload", id="picker.reload"),
     ]
@@ -88,6 +94,7 @@ class RunPickerScreen(Screen[Path | None]):
         super().__init__()
         self.output_dir = output_dir
         self.entries: list[RunEntry] = []
+        self.marked: list[Path] = []  # in the order marked
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -98,38 +105,73 @@ class RunPickerScreen(Screen[Path | None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
+        table.add_column(" ", key="mark", width=1)
         table.add_columns("run", "status", "started", "last step", "directory")
         self.action_reload()
         table.focus()
 
     def action_reload(self) -> None:
         self.entries = list_runs(self.output_dir)
+        listed = {e.path for e in self.entries}
+        self.marked = [p for p in self.marked if p in listed]
         table = self.query_one(DataTable)
         table.clear()
-        title = self.query_one("#picker-title", Static)
         if not self.entries:
+            title = self.query_one("#picker-title", Static)
             title.update(Text.assemble(
                 (f"No runs under {self.output_dir.resolve()}.\n", "bold"),
                 "Start one with:  vlmrl-tui configs/colors-tiny.toml   (or pass --output-dir DIR)",
             ))
             return
-        title.update(Text.assemble(
-            (f"{len(self.entries)} run(s) under {self.output_dir.resolve()}", "bold"),
-            "  ·  Enter attaches (live or finished)",
-        ))
+        self._show_title()
         for e in self.entries:
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.started_at)) if e.started_at else "—"
             status_style = {RUN_FAILED: "red", RUN_RUNNING: "green", RUN_COMPLETED: "cyan"}.get(e.status, "")
             table.add_row(
-                e.name, Text(e.status, style=status_style), started,
+                "●" if e.path in self.marked else "", e.name, Text(e.status, style=status_style), started,
                 "—" if e.last_step is None else str(e.last_step), str(e.path), key=str(e.path),
             )
 
-    def action_pick(self) -> None:
+    def _show_title(self) -> None:
+        title = Text.assemble(
+            (f"{len(self.entries)} run(s) under {self.output_dir.resolve()}", "bold"),
+            "  ·  Enter attaches (live or finished)  ·  space marks runs to compare",
+        )
+        if self.marked:
+            title.append(f"  ·  {len(self.marked)} marked", style="bold")
+        self.query_one("#picker-title", Static).update(title)
+
+    def _cursor_path(self) -> Path | None:
         table = self.query_one(DataTable)
-        if not self.entries or table.cursor_row < 0:
+        if not self.entries or not 0 <= table.cursor_row < len(self.entries):
+            return None
+        return self.entries[table.cursor_row].path
+
+    def action_mark(self) -> None:
+        """Mark the run under the cursor for the comparison, or unmark it."""
+        path = self._cursor_path()
+        if path is None:
             return
-        self.dismiss(self.entries[table.cursor_row].path)
+        if path in self.marked:
+            self.marked.remove(path)
+        else:
+            self.marked.append(path)
+        self.query_one(DataTable).update_cell(str(path), "mark", "●" if path in self.marked else "")
+        self._show_title()
+
+    def chosen(self) -> list[Path]:
+        """What Enter opens: the marked runs (the cursor's run first when it is one of them, else
+        the first marked), or the cursor's run alone when none is marked."""
+        cursor = self._cursor_path()
+        if not self.marked:
+            return [cursor] if cursor is not None else []
+        primary = cursor if cursor in self.marked else self.marked[0]
+        return [primary, *(p for p in self.marked if p != primary)]
+
+    def action_pick(self) -> None:
+        chosen = self.chosen()
+        if chosen:
+            self.dismiss(chosen)
 
     @on(DataTable.RowSelected)
     def _selected(self, event: DataTable.RowSelected) -> None:
