@@ -4,7 +4,8 @@ Written with the same file names and records the supervisor and trainer write
 (``backend.records``, ``backend.rundir``): run.json, logs/<proc>.log with ANSI colours and one traceback,
 metrics.jsonl, rollouts.jsonl and rollouts/<step>/<index>_0.png. Nothing is random and
 every time stamp is fixed, so two builds give byte-identical files. :func:`add_episode`
-appends a multi-turn (Crafter-like) episode record with one frame per turn.
+appends a multi-turn (Crafter-like) episode record with one frame per turn, :func:`add_step`
+a step of rollouts with chosen rewards and completions.
 """
 
 from __future__ import annotations
@@ -251,6 +252,32 @@ def add_episode(run_dir: Path, step: int, index: int, group: int, **kw: object) 
     with open(RunDirectory(run_dir).rollouts, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec.to_json()) + "\n")
     return rec
+
+
+def add_step(run_dir: Path, step: int, groups: "list[list[tuple[float, str]]]") -> list[RolloutRecord]:
+    """Append a step whose group ``g`` has one rollout per (reward, completion) in
+    ``groups[g]`` (indices run on across groups), each with its own PNG; reward parts:
+    ``correct`` = the reward, ``format`` = 1 for a one-line completion of letters and
+    spaces, else 0. Returns the records written."""
+    rd = RunDirectory(run_dir)
+    folder = rd.rollout_images(step)
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[RolloutRecord] = []
+    for group, rollouts in enumerate(groups):
+        for reward, completion in rollouts:
+            index = len(out)
+            _image(COLOURS[NAMES[(step + group) % len(NAMES)]], index).save(folder / f"{index}_0.png", optimize=False)
+            well_formed = bool(completion) and all(c.isalpha() or c == " " for c in completion)
+            out.append(RolloutRecord(
+                step=step, index=index, group=group, example_id=f"colors-{step:04d}-{group}",
+                prompt="What colour is this image? Answer with one word.", completion=completion, reward=reward,
+                reward_parts={"correct": reward, "format": 1.0 if well_formed else 0.0}, advantage=0.0,
+                images=[f"{folder.relative_to(rd.path).as_posix()}/{index}_0.png"],
+            ))
+    with open(rd.rollouts, "a", encoding="utf-8") as f:
+        for rec in out:
+            f.write(json.dumps(rec.to_json()) + "\n")
+    return out
 
 
 class FakeNvmlError(Exception):

@@ -5,9 +5,9 @@ achievements, and a strip of its turns: number, action, reward) above the select
 frame beside its reply, action and reward parts. Everything here is a pure function of
 the record and the turn shown; the pane (rollouts.py) owns the turn keys, loads the
 frames and draws the result. The first section is shared with the pane's table and
-single-turn view (value formatters, the field grid, image links, and ``Prerendered``, which
-replays each detail part rendered once): it lives here because rollouts.py imports this
-module, not the other way round.
+single-turn view (value formatters, the field grid, image links, the completion cell, the
+single-turn detail, and ``Prerendered``, which replays each detail part rendered once): it
+lives here because rollouts.py imports this module, not the other way round.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from vlmrl_tui.watch import display_path
 
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
 STRIP_MAX_TURNS = 60  # turns the episode strip shows around the selected one
+ROW_MAX_TURNS = 40  # actions the table row of an episode lists
 _PARSED_STYLES = {"exact": "green", "fuzzy": "yellow", "none": "red"}
 _TURN_INFO_SHOWN = ("action", "parsed", "unlocked")  # turn info keys that have their own row
 
@@ -97,6 +98,31 @@ def turn_action(t: TurnRecord) -> str:
         return action
     words = t.completion.split()
     return one_line(words[0][:16]) if words else "?"
+
+
+def completion_cell(r: RolloutRecord) -> str:
+    """The table's completion column: the reply, or an episode's turns and actions."""
+    if not r.turns:
+        return one_line(r.completion)
+    n = len(r.turns)
+    actions = " ".join(turn_action(t) for t in r.turns[:ROW_MAX_TURNS])
+    return f"{n} turn{'s' if n != 1 else ''}: {actions}" + (" …" if n > ROW_MAX_TURNS else "")
+
+
+def rollout_detail(r: RolloutRecord, paths: list[Path]) -> Table:
+    """Beside a single-turn rollout's image: ids, reward and parts, advantage, prompt,
+    completion, answer, its images' (resolved) ``paths``."""
+    grid = field_grid()
+    grid.add_row("rollout", f"step {r.step} · #{r.index} · group {r.group} · {r.example_id}")
+    grid.add_row("reward", reward_text(r.reward, r.reward_parts))
+    grid.add_row("advantage", signed_text(r.advantage))
+    grid.add_row("prompt", Text(r.prompt))
+    grid.add_row("completion", Text(r.completion, style="bold"))
+    if r.answer is not None:
+        grid.add_row("answer", str(r.answer))
+    for path in paths:
+        grid.add_row("png", png_link(path))
+    return grid
 
 
 # ---- the episode header -----------------------------------------------------------------
