@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.containers import VerticalScroll
 from textual.pilot import Pilot
 
 from backend.rundir import write_json_atomic
@@ -233,7 +234,11 @@ async def test_help_palette_and_theme(run_dir: Path) -> None:
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
         text = screen_text(app)
-        assert "logs.search" in text and "app.restart" in text and "rollouts.next_step" in text
+        assert "logs.search" in text and "app.restart" in text
+        app.screen.query_one(VerticalScroll).scroll_end(animate=False)  # the last group, below the fold
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "metrics.zoom" in text and "app.quit" not in text  # scrolled past the first group
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
 

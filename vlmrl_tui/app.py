@@ -13,19 +13,20 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from textual import events, on, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.screen import Screen
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from backend.records import PROC_PREPARE, PROC_TRAINER, RunInfo
+from backend.records import PROC_TRAINER, RunInfo
 from backend.rundir import RunDirectory
 from vlmrl_tui.panes.gpus import GpuReport, GpusPane, start_sampler
+from vlmrl_tui.panes.commands import CommandsMixin
+from vlmrl_tui.panes.compare import ComparePane
 from vlmrl_tui.panes.logs import LogsPane, LogView
 from vlmrl_tui.panes.messages import (
     CommandDone,
@@ -35,10 +36,11 @@ from vlmrl_tui.panes.messages import (
     RunUpdated,
 )
 from vlmrl_tui.panes.metrics import MetricsPane
+from vlmrl_tui.panes.summary import RunSummary
 from vlmrl_tui.panes.picker import RunPickerScreen
 from vlmrl_tui.panes.processes import ProcessesPane
-from vlmrl_tui.panes.rollouts import RolloutsPane
-from vlmrl_tui.panes.screens import ConfirmScreen, HelpScreen, QuitScreen
+from vlmrl_tui.panes.rollouts import RolloutsPane, probe_graphics
+from vlmrl_tui.panes.screens import ConfirmScreen, QuitScreen
 from vlmrl_tui.proctree import record_lost, supervisor_alive
 from vlmrl_tui.watch import DEFAULT_SCROLLBACK, ProcessSampler, RunFeed, display_path
 
@@ -62,7 +64,7 @@ def _default_send_command(run_dir: Path, cmd: str, proc: str | None = None, time
     return send_command(run_dir, cmd, proc=proc, timeout=timeout)
 
 
-class VlmrlApp(App[str | None]):
+class VlmrlApp(CommandsMixin, App[str | None]):
     """Dashboard for one run directory (attached, or launched by ``vlmrl-tui CONFIG``).
 
     ``exit`` results: ``"stopped"`` (the app stopped the run it started), ``"left"`` (the
@@ -83,6 +85,7 @@ class VlmrlApp(App[str | None]):
         Binding("K", "kill_process", "Kill", key_display="K", id="app.kill"),
         Binding("x", "stop_run", "Stop run", id="app.stop"),
         Binding("t", "toggle_dark", "Dark/light", id="app.theme"),
+        Binding("c", "toggle_compare", "Compare runs", id="app.compare"),
     ]
 
     def __init__(
@@ -103,10 +106,12 @@ class VlmrlApp(App[str | None]):
         clock: Callable[[], float] = time.time,
         send_command: SendCommand = _default_send_command,
         handle_signals: bool = False,
+        compare: Sequence[Path] = (),
     ) -> None:
         super().__init__()
         self._handle_signals = handle_signals
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.compare_dirs = [Path(p) for p in compare]  # runs compared with run_dir
         self.output_dir = output_dir
         self.launched = launched
         self.scrollback = scrollback
@@ -129,6 +134,7 @@ class VlmrlApp(App[str | None]):
         self._exiting = False
         self.commands: list[CommandDone] = []  # control replies, newest last
         self._launch_warned = False
+        self._graphics = probe_graphics()  # asks the terminal, which answers only until Textual runs
 
     # ---- layout -----------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -140,8 +146,11 @@ class VlmrlApp(App[str | None]):
         self.gpus.border_title = "GPUs"
         self.logs = LogsPane(scrollback=self.scrollback, id="logs")
         self.metrics = MetricsPane(redraw_s=self.redraw_s, id="metrics")
-        self.rollouts = RolloutsPane(self.run_dir, redraw_s=self.redraw_s, id="rollouts")
+        self.compare = ComparePane(self.metrics, redraw_s=self.redraw_s, poll_s=self.idle_poll_s, id="compare")
+        self.rollouts = RolloutsPane(self.run_dir, redraw_s=self.redraw_s, graphics=self._graphics, id="rollouts")
         yield Header(show_clock=False, icon="◆")
+        self.summary = RunSummary(self.metrics.store, clock=self._clock, id="summary")
+        yield self.summary  # right under the (docked) header: on every tab
         self._top = Horizontal(id="top")
         with self._top:
             yield self.processes
@@ -152,6 +161,7 @@ class VlmrlApp(App[str | None]):
                 yield self.logs
             with TabPane("Metrics", id=TABS["metrics"]):
                 yield self.metrics
+                yield self.compare
             with TabPane("Rollouts", id=TABS["rollouts"]):
                 yield self.rollouts
         yield Footer()
@@ -172,7 +182,7 @@ class VlmrlApp(App[str | None]):
                 interval_s=self.gpu_s,
             )
         if self.run_dir is not None:
-            self.attach(self.run_dir)
+            self.attach(self.run_dir, self.compare_dirs)
         else:
             self.push_screen(RunPickerScreen(self.output_dir), self._picked)
 
@@ -187,26 +197,27 @@ class VlmrlApp(App[str | None]):
         need = GPU_TABLE_WIDTH if report is not None and report.snapshot.gpus else 36
         self._top.set_class(self.size.width < PROCESSES_WIDTH + need, "-narrow")
 
-    def _picked(self, path: Path | None) -> None:
-        if path is None:
+    def _picked(self, paths: list[Path] | None) -> None:
+        if not paths:
             self.exit()
         else:
-            self.attach(path)
+            self.attach(paths[0], paths[1:])
 
     def on_unmount(self) -> None:
         if self._gpu_sampler is not None:
             self._gpu_sampler.stop(timeout=0.5)
 
     # ---- attaching and reading --------------------------------------------------------
-    def attach(self, run_dir: Path) -> None:
-        """Watch ``run_dir`` (live or finished); replaces any previous run."""
+    def attach(self, run_dir: Path, compare: Sequence[Path] = ()) -> None:
+        """Watch ``run_dir`` (live or finished), compared with the runs in ``compare``; replaces any previous run."""
         self.run_dir = Path(run_dir)
         self.sub_title = display_path(self.run_dir)
         self.rollouts.run_dir = self.run_dir
         self._feed_ack.set()
         self._feed_worker(RunFeed(self.run_dir, scrollback=self.scrollback))
         self._stats_worker()
-        self.logs.query_one(LogView).focus()
+        if not self.compare.start(self.run_dir, compare):  # two runs or more: the comparison shows, focused
+            self.logs.query_one(LogView).focus()
 
     @work(thread=True, exclusive=True, group="feed", name="run-feed")
     def _feed_worker(self, feed: RunFeed) -> None:
@@ -253,6 +264,7 @@ class VlmrlApp(App[str | None]):
                 self.metrics.add(update.metrics)
             if update.evals:
                 self.metrics.add_evals(update.evals)
+            self.compare.primary_updated(update)
             if update.rollouts:
                 self.rollouts.add(update.rollouts)
             self.batches += 1
@@ -265,6 +277,7 @@ class VlmrlApp(App[str | None]):
         self._pids = run.pids()
         self._health = {p.name: p.health_url for p in run.procs() if p.health_url and p.alive}
         self.metrics.set_run(run.max_steps, run.finished)
+        self.summary.set_run(run)
         if run.name:
             self.title = f"vlmrl · {run.name}"
 
@@ -382,68 +395,20 @@ class VlmrlApp(App[str | None]):
 
         self.push_screen(ConfirmScreen("Stop the run (trainer, then server)?", yes="Stop"), answer)
 
-    # ---- navigation, help, palette ----------------------------------------------------
+    # ---- navigation (help and palette: CommandsMixin) -----------------------------------
     def action_show_tab(self, name: str) -> None:
         self.tabs.active = TABS[name]
-        target = {"logs": self.logs.active_view, "metrics": None, "rollouts": self.rollouts}[name]
+        target = {"logs": self.logs.active_view, "metrics": self.compare.shown, "rollouts": self.rollouts}[name]
         if name == "rollouts":
             self.rollouts.table.focus()
         elif target is not None:
             target.focus()
 
+    def action_toggle_compare(self) -> None:
+        self.compare.toggle()
+
     def action_focus_processes(self) -> None:
         self.processes.table.focus()
-
-    def binding_groups(self) -> list[tuple[str, list[Binding]]]:
-        """All bindings by scope (help screen, palette and tests use this)."""
-        return [
-            ("Everywhere", list(self.BINDINGS) + [Binding("ctrl+p", "command_palette", "Command palette")]),
-            ("Logs", list(LogView.BINDINGS) + list(LogsPane.BINDINGS)),
-            ("Rollouts", list(RolloutsPane.BINDINGS)),
-        ]
-
-    def action_help(self) -> None:
-        self.push_screen(HelpScreen(
-            self.binding_groups(),
-            intro="Processes: ↑/↓ pick a process; r restarts it, K kills it; x stops the run. "
-                  "Logs: ↑/↓/PgUp/PgDn select a line, Home goes to the oldest line held, End follows, "
-                  "Esc clears the search. Rollouts: ↑/↓ within a step, g goes to the first step. "
-                  "Tab moves between panes.",
-        ))
-
-    def _palette_target(self, scope: str) -> Any:
-        if scope == "Logs":
-            self.action_show_tab("logs")
-            return self.logs.active_view
-        if scope == "Rollouts":
-            self.action_show_tab("rollouts")
-            return self.rollouts
-        return self
-
-    def palette_commands(self) -> Iterable[SystemCommand]:
-        """One palette entry per action (per process for restart and kill)."""
-        procs = [p.name for p in self.run_view.procs() if p.name != PROC_PREPARE] if self.run_view else []
-        for proc in procs:
-            yield SystemCommand(f"Restart {proc}", f"ask the supervisor to restart {proc}",
-                                lambda proc=proc: self.send("restart", proc))
-            yield SystemCommand(f"Kill {proc}", f"SIGKILL {proc} (asks first)",
-                                lambda proc=proc: (self.processes.select(proc), self.action_kill_process()))
-        for scope, bindings in self.binding_groups():
-            for b in bindings:
-                if not b.show or b.action in ("command_palette",):
-                    continue
-                title = b.description if scope == "Everywhere" else f"{scope}: {b.description}"
-
-                async def run(b: Binding = b, scope: str = scope) -> None:
-                    target = self._palette_target(scope)
-                    if target is not None:
-                        await self.run_action(b.action, default_namespace=target)
-
-                yield SystemCommand(title, f"key {HelpScreen.key_label(b)}", run)
-
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from self.palette_commands()
-        yield from super().get_system_commands(screen)
 
     # ---- quitting ---------------------------------------------------------------------
     def exit(self, result: str | None = None, return_code: int = 0, message: Any = None) -> None:
