@@ -9,6 +9,7 @@ typed messages; one batch of run-directory data is in flight at a time.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -55,6 +56,7 @@ PROCESSES_WIDTH = 84  # the processes pane (app.tcss); the GPU pane shares the r
 GPU_TABLE_WIDTH = 62  # what the GPU table needs; the no-GPU sentence wraps into less
 BUSY_LINES = 100  # log lines in one poll from which the feed polls every poll_s, not idle_poll_s
 MIN_BATCH_GAP_S = 0.02  # the reader worker's shortest pause after posting a batch
+SIGNAL_EXIT_S = 5.0  # after SIGTERM/SIGHUP/SIGINT, the longest the app takes to leave
 LIVENESS_S = 5.0  # how often a live-looking run's supervisor is checked (a SLURM run asks squeue)
 
 
@@ -173,7 +175,7 @@ class VlmrlApp(CommandsMixin, App[str | None]):
         if self._handle_signals:  # vlmrl-tui only: Pilot tests share pytest's loop
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-                loop.add_signal_handler(sig, lambda sig=sig: self.exit("signal", return_code=128 + sig))
+                loop.add_signal_handler(sig, lambda sig=sig: self._signalled(sig))
         if self._gpu_enabled:
             self._gpu_sampler = start_sampler(
                 lambda report: self.post_message(GpuUpdated(report)),
@@ -185,6 +187,15 @@ class VlmrlApp(CommandsMixin, App[str | None]):
             self.attach(self.run_dir, self.compare_dirs)
         else:
             self.push_screen(RunPickerScreen(self.output_dir), self._picked)
+
+    def _signalled(self, sig: int) -> None:
+        self.exit("signal", return_code=128 + sig)
+        # With its terminal gone, Textual's shutdown can hang writing the last frame to it
+        # (seen when a pty's reader died: the output thread and close() each wait on the
+        # other); the dashboard holds nothing to save, so it must not outlive the terminal.
+        timer = threading.Timer(SIGNAL_EXIT_S, os._exit, (128 + sig,))
+        timer.daemon = True
+        timer.start()
 
     def on_resize(self, event: events.Resize) -> None:
         self._arrange_top()
