@@ -72,7 +72,7 @@ async def test_the_metrics_pane_shows_eval_rewards(tmp_path: Path) -> None:
         pane = app.pane
         app.take()
         await wait_for(pilot, lambda: "eval 0.625 (n=32, step 30)" in pane.progress_text()
-                       and not pane._dirty, what="eval in the progress line")
+                       and not pane.redraw.dirty, what="eval in the progress line")
         await pilot.pause()
         text = screen_text(app)
         assert "step 40/40" in text and "eval 0.625 (n=32, step 30)" in text
@@ -97,7 +97,7 @@ async def test_a_run_without_evals_looks_as_before(tmp_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         pane = app.pane
         app.take()
-        await wait_for(pilot, lambda: "step 40/40" in screen_text(app) and not pane._dirty, what="metrics")
+        await wait_for(pilot, lambda: "step 40/40" in screen_text(app) and not pane.redraw.dirty, what="metrics")
         text = screen_text(app)
         assert "eval" not in text.lower()
         assert pane.eval_values == {} and "eval" not in pane.progress_text()

@@ -39,7 +39,7 @@ def ready(*keys: str):
         assert isinstance(app, VlmrlApp)
         await wait_for(pilot, lambda: app.batches > 0 and app.gpus.report is not None, what="data")
         await pilot.press(*keys)
-        await wait_for(pilot, lambda: not (app.metrics._dirty and app.metrics.is_on_screen), what="metrics drawn")
+        await wait_for(pilot, lambda: not (app.metrics.redraw.dirty and app.metrics.is_on_screen), what="metrics drawn")
         await pilot.pause(0.1)
 
     return run_before

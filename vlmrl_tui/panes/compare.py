@@ -46,6 +46,7 @@ from vlmrl_tui.panes.comparedata import (
     short_keys,
 )
 from vlmrl_tui.panes.metrics import PLOTS, MetricsPane, PlotSpec
+from vlmrl_tui.panes.throttle import Throttle
 from vlmrl_tui.panes.metricstore import REWARD_WINDOW, EvalStore, MetricsStore, format_value
 from vlmrl_tui.watch import RunUpdate, display_path
 
@@ -103,14 +104,12 @@ class ComparePane(Vertical, can_focus=True):
                  id: str | None = None) -> None:
         super().__init__(id=id)
         self.metrics_pane = metrics  # the primary run's stores, and the chart options the user picked
-        self.redraw_s = redraw_s
         self.poll_s = poll_s
         self.runs: list[CompareRun] = []
         self.diff: dict[str, list[Any]] = {}  # config keys that differ -> each run's value
         self.table_rows: list[dict[str, str]] = []  # what the table shows, a dict per run (tests read it)
         self.display = False  # until a comparison starts
-        self._dirty = False
-        self._timer_pending = False
+        self.redraw = Throttle(self, redraw_s, self.flush)
         self._taken = threading.Event()  # the UI took the reader's last batch
         self._cache = IdentityCache()
         self._table = Static("", id="compare-table")
@@ -151,7 +150,7 @@ class ComparePane(Vertical, can_focus=True):
         self.focus()  # live (a focused widget in another tab would bring that tab back)
         self._taken.set()
         self._reader(RunsReader(paths))
-        self._changed()
+        self.redraw.mark()
         return True
 
     def primary_updated(self, update: RunUpdate) -> None:
@@ -161,7 +160,7 @@ class ComparePane(Vertical, can_focus=True):
         if update.info is not None:
             self.runs[0].info = update.info
         if update.info is not None or update.metrics or update.evals:
-            self._changed()
+            self.redraw.mark()
 
     @work(thread=True, exclusive=True, group="compare", name="compare-feed")
     def _reader(self, reader: RunsReader) -> None:
@@ -197,7 +196,7 @@ class ComparePane(Vertical, can_focus=True):
                 if d.note_changed:
                     run.note = d.note
             self.diff = config_diff([run.config.values if run.config else None for run in self.runs])
-            self._changed()
+            self.redraw.mark()
         finally:
             self._taken.set()
 
@@ -252,30 +251,17 @@ class ComparePane(Vertical, can_focus=True):
         self.metrics_pane.action_zoom()  # what it cycles through depends on the primary run's steps
         self.flush(force=True)
 
-    def _changed(self) -> None:
-        self._dirty = True
-        if not self._timer_pending and self.is_mounted:
-            self._timer_pending = True
-            self.set_timer(self.redraw_s, self._timer_flush)
-
-    def _timer_flush(self) -> None:
-        self._timer_pending = False
-        self.flush()
-
     def on_show(self) -> None:
         self.flush()
 
     def on_resize(self) -> None:
         if self.runs:  # series are cut to the charts' width: shape them again
-            self._changed()
+            self.redraw.mark()
 
     def flush(self, force: bool = False) -> None:
         """Redraw the table, config line and plots if something changed and they are visible."""
-        if not (self._dirty or force) or not self.runs:
-            return
-        if not force and not self.is_on_screen:
-            return  # redrawn on show
-        self._dirty = False
+        if not self.runs or not self.redraw.take(force):
+            return  # nothing new, or off screen: redrawn on show
         self.table_rows = [self._row(run) for run in self.runs]
         with_evals = any(run.evals for run in self.runs)
         self._table.update(self.table_text(with_evals), layout=False)

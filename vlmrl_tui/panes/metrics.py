@@ -22,6 +22,7 @@ from backend import records as r
 from backend.records import EvalRecord, MetricRecord
 from vlmrl_tui.panes.chart import LineChart, Series
 from vlmrl_tui.panes.chartview import ChartOptions, next_zoom, short_duration, view
+from vlmrl_tui.panes.throttle import Throttle
 from vlmrl_tui.panes.metricstore import (
     MAX_POINTS,
     EvalStore,
@@ -213,14 +214,12 @@ class MetricsPane(Vertical, can_focus=True):
 
     def __init__(self, redraw_s: float = 2.0, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.redraw_s = redraw_s
         self.store = MetricsStore()
         self.evals = EvalStore()
         self.max_steps: int | None = None  # from run.json
         self.finished = False
         self.options = ChartOptions()
-        self._dirty = False
-        self._timer_pending = False
+        self.redraw = Throttle(self, redraw_s, self.flush)
         self._eta = Static("waiting for the first step", id="metrics-eta")
         self.table = Static(self.latest_table({}), id="metrics-table")
         self.latest_values: dict[str, str] = {}  # what the table shows, by metric key
@@ -272,21 +271,18 @@ class MetricsPane(Vertical, can_focus=True):
     def add(self, records: list[MetricRecord]) -> None:
         """Take new metric records; redraw soon (throttled, only when on screen)."""
         if self.store.add(records):
-            self._dirty = True
-            self._schedule()
+            self.redraw.mark()
 
     def add_evals(self, records: list[EvalRecord]) -> None:
         """Take new eval records (``eval.jsonl``); redraw soon (throttled, only when on screen)."""
         if self.evals.add(records):
-            self._dirty = True
-            self._schedule()
+            self.redraw.mark()
 
     def set_run(self, max_steps: int | None, finished: bool) -> None:
         """What run.json says: the step count to reach, and whether the run ended."""
         if (max_steps, finished) != (self.max_steps, self.finished):
             self.max_steps, self.finished = max_steps, finished
-            self._dirty = True
-            self._schedule()
+            self.redraw.mark()
 
     def action_toggle_smooth(self) -> None:
         self.set_options(replace(self.options, smooth=not self.options.smooth))
@@ -305,25 +301,13 @@ class MetricsPane(Vertical, can_focus=True):
         for plot in self.query(MetricPlot):
             plot.draw(self.store, self.evals, options)
 
-    def _schedule(self) -> None:
-        if not self._timer_pending and self.is_mounted:
-            self._timer_pending = True
-            self.set_timer(self.redraw_s, self._timer_flush)
-
-    def _timer_flush(self) -> None:
-        self._timer_pending = False
-        self.flush()
-
     def on_show(self) -> None:
         self.flush()
 
     def flush(self, force: bool = False) -> None:
         """Redraw the table, progress and plots if something changed and they are visible."""
-        if not (self._dirty or force):
-            return
-        if not force and not self.is_on_screen:
-            return  # redrawn on show
-        self._dirty = False
+        if not self.redraw.take(force):
+            return  # nothing new, or off screen: redrawn on show
         latest = self.store.latest()
         self.latest_values = {key: format_value(latest.finite(key) if latest else None) for key, _ in TABLE_KEYS}
         self.eval_values = self.eval_rows(self.evals.latest())
