@@ -250,10 +250,11 @@ async def test_a_live_run_grows_in_the_comparison_and_odd_directories_say_why(
         await wait_for(pilot, lambda: step_of(1) == "2/8" and pane.runs[2].note is not None, timeout=30,
                        what="the live run's first steps")
         await wait_for(pilot, lambda: pane.runs[3].config is not None, what="the broken config read")
+        notes = ("live: no config.toml", "not-a-run: not a run directory",
+                 "broken: config.toml unreadable (TOML syntax error")
+        # the config read lands first; the throttled redraw shows it a moment later
+        await wait_for(pilot, lambda: all(n in screen_text(app) for n in notes), what="the notes on screen")
         assert [row["status"] for row in pane.table_rows] == ["completed", "running", "not a run", "completed"]
-        text = screen_text(app)
-        assert "live: no config.toml" in text and "not-a-run: not a run directory" in text
-        assert "broken: config.toml unreadable (TOML syntax error" in text
         assert pane.diff == {}  # one config known: nothing to compare it with
 
         # steps written while the comparison is off screen are drawn when it is shown again

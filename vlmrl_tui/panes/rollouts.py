@@ -90,9 +90,9 @@ class RolloutsPane(Horizontal):
     class RunScanned(Message):
         """The whole-run scan's result: per step, (version, its parsed rollouts, its scan)."""
 
-        def __init__(self, token: int, steps: Scanned) -> None:
+        def __init__(self, ticket: int, steps: Scanned) -> None:
             super().__init__()
-            self.token = token
+            self.ticket = ticket
             self.steps = steps
 
     def __init__(self, run_dir: Path | None = None, image_height: int = 12, redraw_s: float = 2.0,
@@ -268,21 +268,21 @@ class RolloutsPane(Horizontal):
 
     def _start_scan(self) -> None:
         """Scan every step under the filter in a thread (parsing what was never shown)."""
-        token = self.run_scan.start()
+        ticket = self.run_scan.start()
         self._update_header()
-        self._scan_worker(self.store.snapshot(), self.filter, token)
+        self._scan_worker(self.store.snapshot(), self.filter, ticket)
 
     @work(thread=True, exclusive=True, group="rollout-scan", name="rollout-scan")
-    def _scan_worker(self, snapshot: list[tuple[int, int, list[Any]]], flt: RolloutFilter, token: int) -> None:
+    def _scan_worker(self, snapshot: list[tuple[int, int, list[Any]]], flt: RolloutFilter, ticket: int) -> None:
         worker = get_current_worker()
         steps = scan_snapshot(snapshot, flt, lambda: worker.is_cancelled)
         if steps is not None:
-            self.post_message(self.RunScanned(token, steps))
+            self.post_message(self.RunScanned(ticket, steps))
 
     @on(RunScanned)
     def _run_scanned(self, message: RunScanned) -> None:
         message.stop()
-        if self.whole_run and self.run_scan.landed(message.token, message.steps, self.store):
+        if self.whole_run and self.run_scan.landed(message.ticket, message.steps, self.store):
             self._update_run()
 
     def _update_run(self) -> None:

@@ -350,18 +350,18 @@ class RunScan:
 
     def __init__(self) -> None:
         self.scans: dict[int, StepScan] | None = None  # None: the scan is in flight
-        self.token = 0  # which scan is wanted: an older one that lands is dropped
+        self.ticket = 0  # which scan is wanted: an older one that lands is dropped
         self.changed: set[int] = set()  # steps changed since the scan's snapshot
 
     def start(self) -> int:
-        self.token += 1
+        self.ticket += 1
         self.scans = None
         self.changed.clear()
-        return self.token
+        return self.ticket
 
-    def landed(self, token: int, steps: Scanned, store: RolloutStore) -> bool:
+    def landed(self, ticket: int, steps: Scanned, store: RolloutStore) -> bool:
         """Take a scan's result (its parses kept by ``store``); False if it is not the one wanted."""
-        if token != self.token:
+        if ticket != self.ticket:
             return False
         for step, (version, records, _) in steps.items():
             store.install(step, version, records)
