@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
@@ -130,15 +130,19 @@ class ChartRender:
         bits = [[0] * pw for _ in range(rows)]
         owner = [[""] * pw for _ in range(rows)]
 
-        def to_dot(x: float, y: float) -> tuple[int, int]:
-            dx = round((x - x0) / xspan * (dots_w - 1))
-            dy = round((hi - y) / (hi - lo) * (dots_h - 1))
-            return min(max(dx, 0), dots_w - 1), min(max(dy, 0), dots_h - 1)
+        wmax, hmax, yspan = dots_w - 1, dots_h - 1, hi - lo
 
-        def light(px: int, py: int, role: str) -> None:
-            cx, cy = px // 2, py // 4
-            bits[cy][cx] |= _DOT[px % 2][py % 4]
-            owner[cy][cx] = role
+        def to_dot(x: float, y: float) -> tuple[int, int]:
+            dx = round((x - x0) / xspan * wmax)
+            dy = round((hi - y) / yspan * hmax)
+            return (0 if dx < 0 else wmax if dx > wmax else dx), (0 if dy < 0 else hmax if dy > hmax else dy)
+
+        def light(dots: Iterable[tuple[int, int]], role: str) -> None:
+            # inlined (no call per dot): a comparison redraws 6 plots x 3 runs at once
+            for px, py in dots:
+                cx, cy = px >> 1, py >> 2
+                bits[cy][cx] |= _DOT[px & 1][py & 3]
+                owner[cy][cx] = role
 
         for s in self.series:
             if s.color and s.style_key not in self.styles:
@@ -148,21 +152,13 @@ class ChartRender:
                 if s.role != role:
                     continue
                 key = s.style_key
-                prev: tuple[int, int] | None = None
-                for cur in _per_column(s.xs, s.ys, to_dot):
-                    if cur is None:
-                        prev = None
-                        continue
-                    for px, py in _segment(prev or cur, cur):
-                        light(px, py, key)
-                    prev = cur
+                light(_path(_per_column(s.xs, s.ys, to_dot)), key)
                 if s.marks:
                     for x, y in zip(s.xs, s.ys):
                         if math.isfinite(x) and math.isfinite(y):
                             mx, my = to_dot(x, y)
-                            for px in range(max(0, mx - 1), min(dots_w, mx + 2)):
-                                for py in range(max(0, my - 1), min(dots_h, my + 2)):
-                                    light(px, py, key)
+                            light(((px, py) for px in range(max(0, mx - 1), min(dots_w, mx + 2))
+                                   for py in range(max(0, my - 1), min(dots_h, my + 2))), key)
         for r in range(rows):
             label = labels.get(r, "")
             line = [Segment(label.rjust(lw), axis), Segment("┤" if label else "│", axis)]
@@ -198,26 +194,46 @@ def _per_column(xs: Sequence[float], ys: Sequence[float],
     joining every point, at a cost bound by the plot's width, not the series' length."""
     out: list[tuple[int, int] | None] = []
     col: list[tuple[int, int]] = []
-
-    def close() -> None:
-        if len(col) <= 4:
-            out.extend(col)
-        else:
-            keep = {0, len(col) - 1, min(range(len(col)), key=lambda i: col[i][1]),
-                    max(range(len(col)), key=lambda i: col[i][1])}
-            out.extend(col[i] for i in sorted(keep))
-        col.clear()
-
+    isfinite = math.isfinite
     for x, y in zip(xs, ys):
-        if not (math.isfinite(x) and math.isfinite(y)):
-            close()
+        if not (isfinite(x) and isfinite(y)):
+            out.extend(_extremes(col))
+            col = []
             out.append(None)
             continue
         d = to_dot(x, y)
         if col and col[-1][0] != d[0]:
-            close()
+            out.extend(col if len(col) <= 4 else _extremes(col))
+            col = []
         col.append(d)
-    close()
+    out.extend(_extremes(col))
+    return out
+
+
+def _extremes(col: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """A dot column's first, lowest, highest and last points, in order."""
+    if len(col) <= 4:
+        return col
+    keep = {0, len(col) - 1, min(range(len(col)), key=lambda i: col[i][1]),
+            max(range(len(col)), key=lambda i: col[i][1])}
+    return [col[i] for i in sorted(keep)]
+
+
+def _path(points: Sequence[tuple[int, int] | None]) -> list[tuple[int, int]]:
+    """The dots of the polyline through ``points`` (``None`` breaks it)."""
+    out: list[tuple[int, int]] = []
+    prev: tuple[int, int] | None = None
+    for cur in points:
+        if cur is None:
+            prev = None
+            continue
+        if prev is None:
+            out.append(cur)
+        elif abs(cur[0] - prev[0]) <= 1 and abs(cur[1] - prev[1]) <= 1:
+            out.append(cur)  # neighbours (most joins of a downsampled series): nothing between
+        else:
+            out.extend(_segment(prev, cur))
+        prev = cur
     return out
 
 
