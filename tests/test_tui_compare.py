@@ -6,6 +6,7 @@ the config difference on its own.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from backend.net import free_port
 from backend.rundir import last_lines, write_json_atomic
 from tests.tui_rundir import make_run_dir, metrics, run_json, screen_text, wait_for
 from vlmrl_tui import tui_main
-from vlmrl_tui.app import VlmrlApp
+from vlmrl_tui.app import BULK_RECORDS, VlmrlApp
 from vlmrl_tui.panes.compare import CompareChart
 from vlmrl_tui.panes.comparedata import MISSING, PALETTE, config_diff, flatten_config, short_keys
 from vlmrl_tui.panes.metricstore import REWARD_WINDOW, format_value
@@ -280,3 +281,25 @@ async def test_a_live_run_grows_in_the_comparison_and_odd_directories_say_why(
         await wait_for(pilot, lambda: step_of(1) == "8/8" and pane.table_rows[1]["status"] == "completed",
                        what="the live run's end")
         assert "8/8" in screen_text(app)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("own_process", [True, False])
+async def test_the_app_of_its_own_process_freezes_the_records_it_read_out_of_full_collections(
+        tmp_path: Path, own_process: bool) -> None:
+    # vlmrl-tui owns its process: the records of runs read in bulk leave the collector's full
+    # passes (they paused a 3-run comparison's redraw); an app sharing its process freezes nothing
+    steps = BULK_RECORDS + 100
+    a, b = (make_run_dir(tmp_path / name, steps=steps, max_steps=steps, rollout_steps=[]) for name in "ab")
+    gc.unfreeze()
+    try:
+        app = make_app(a, compare=[b], own_process=own_process)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: loaded(app, steps), timeout=30, what="both runs in the comparison")
+            records = [next(iter(run.store.records.values())) for run in app.compare.runs]
+            assert all(gc.is_tracked(rec) for rec in records)
+            collected = {id(o) for o in gc.get_objects()}  # the permanent generation is not listed
+            assert [id(rec) in collected for rec in records] == [not own_process] * 2
+            assert (gc.get_freeze_count() > 0) == own_process
+    finally:
+        gc.unfreeze()

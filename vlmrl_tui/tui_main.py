@@ -72,7 +72,7 @@ def build_app(args: argparse.Namespace, run_dirs: list[Path], launched: Launched
         launched=launched,
         scrollback=args.scrollback,
         gpu=not args.no_gpu,
-        handle_signals=True,
+        own_process=True,
     )
 
 
