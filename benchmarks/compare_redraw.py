@@ -12,9 +12,9 @@ are in, each round times one full redraw, in two cases:
   EMA, downsampling) before the same flush and composite.
 
 The app runs as vlmrl-tui runs it (``own_process``: its heap frozen once the runs are read,
-so the collector's full passes skip the records). Target: under 50 ms for a redraw. Median and spread are printed, of wall time and of the UI
-thread's CPU time (which other work on a shared machine does not inflate), with the load
-average before and after. Nothing is asserted.
+so the collector's full passes skip the records). Target: under 50 ms for a redraw. Median
+and spread are printed, of wall time and of the UI thread's CPU time (which other work on a
+shared machine does not inflate), with the load average before and after. Nothing is asserted.
 
     python benchmarks/compare_redraw.py [--rounds 30] [--steps 2000]
 """

@@ -203,7 +203,7 @@ def _per_column(xs: Sequence[float], ys: Sequence[float],
             continue
         d = to_dot(x, y)
         if col and col[-1][0] != d[0]:
-            out.extend(col if len(col) <= 4 else _extremes(col))
+            out.extend(_extremes(col))
             col = []
         col.append(d)
     out.extend(_extremes(col))

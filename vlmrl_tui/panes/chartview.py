@@ -70,7 +70,9 @@ def ema(ys: Sequence[float], weight: float = SMOOTH_WEIGHT) -> list[float]:
     for y in values:  # debiasing divides by 1.0 from here on
         if isfinite(y):
             last = last * weight + keep * y
-        append(last if isfinite(y) else y)
+            append(last)
+        else:
+            append(y)
     return out
 
 
